@@ -1,0 +1,51 @@
+"""Crash-safe file writes and safe tensor loads.
+
+Every file is written to a temporary name in its destination directory, flushed and
+fsynced, then renamed into place, so an interrupted write never leaves a truncated file
+under the final name. Loads always use ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Iterator
+
+import torch
+
+
+@contextmanager
+def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary sibling of ``path`` for writing; rename it onto ``path`` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_tensors(state: dict, path: str | Path) -> None:
+    """``torch.save`` a (flat) dict of tensors atomically; tensors are moved to CPU first."""
+    cpu_state = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+    with atomic_write(path) as handle:
+        torch.save(cpu_state, handle)
+
+
+def load_tensors(path: str | Path) -> dict:
+    """Load a file written by ``torch.save`` with ``weights_only=True``; the error names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated or foreign files raise many different types
+        raise ValueError(f"{path}: cannot be read as a torch tensor file ({type(err).__name__}: {err})") from None

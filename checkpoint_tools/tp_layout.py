@@ -1,0 +1,321 @@
+"""NxD's per-rank tensor-parallel layout of Llama weights: HF state dict <-> rank shards.
+
+This module is the one place that knows how NxD lays a Llama out over TP ranks; the
+converter, the exporter and the model loader all call it. Facts (NxD 0.18, verified in
+its ``parallel_layers`` and ``modules/qkv_linear.py``; see DESIGN.md):
+
+* embed_tokens, lm_head, q/k/v, gate and up are split on dim 0; o_proj and down_proj on
+  dim 1; norms are copied to every rank.
+* ``mlp.gate_up_proj.weight`` holds ``[gate_r; up_r]`` on each rank.
+* ``self_attn.qkv_proj.weight_q|weight_k|weight_v`` (or fused ``weight_qkv`` = ``[q_r; k_r; v_r]``).
+* GQA with tp > n_kv: kvm = tp // n_kv, K/V become ``W.repeat(kvm, 1)`` then sliced, so
+  rank r holds KV head ``r % n_kv``; Q rows and o_proj columns are permuted so rank r holds
+  the query-head group ``(r % n_kv) * kvm + r // n_kv`` that attends to that KV head.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from checkpoint_tools.llama_config import LlamaConfig, check_tensor_parallel
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_REPLICATED_SUFFIXES = ("input_layernorm.weight", "post_attention_layernorm.weight")
+
+
+def query_group_order(tp_size: int, n_kv: int) -> list[int]:
+    """For each TP rank, the index of the contiguous query-head group it holds."""
+    kvm = max(1, tp_size // n_kv)
+    return [(r % n_kv) * kvm + r // n_kv if kvm > 1 else r for r in range(tp_size)]
+
+
+def _q_rows(weight: torch.Tensor, tp_size: int, n_kv: int) -> list[torch.Tensor]:
+    groups = weight.chunk(tp_size, dim=0)
+    return [groups[g] for g in query_group_order(tp_size, n_kv)]
+
+
+def _o_cols(weight: torch.Tensor, tp_size: int, n_kv: int) -> list[torch.Tensor]:
+    groups = weight.chunk(tp_size, dim=1)
+    return [groups[g] for g in query_group_order(tp_size, n_kv)]
+
+
+def _kv_rows(weight: torch.Tensor, tp_size: int, kvm: int) -> list[torch.Tensor]:
+    return list(weight.repeat(kvm, 1).chunk(tp_size, dim=0))
+
+
+def shard_hf_state_dict(
+    hf: dict[str, torch.Tensor], config: LlamaConfig, tp_size: int, fuse_qkv: bool = False
+) -> list[dict[str, torch.Tensor]]:
+    """Split a full HF Llama state dict into ``tp_size`` NxD rank state dicts.
+
+    Raises ``KeyError``/``ValueError`` naming the key and the expected shape on bad input.
+    """
+    kvm = check_tensor_parallel(config, tp_size)
+    n_kv = config.num_key_value_heads
+    ranks: list[dict[str, torch.Tensor]] = [{} for _ in range(tp_size)]
+    expected = expected_hf_shapes(config)
+    unknown = sorted(set(hf) - set(expected))
+    if unknown:
+        raise KeyError(f"unexpected keys for this Llama config: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+    missing = sorted(set(expected) - set(hf))
+    if missing:
+        raise KeyError(f"missing keys: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    for key, shape in expected.items():
+        if tuple(hf[key].shape) != shape:
+            raise ValueError(f"{key}: shape {tuple(hf[key].shape)}, expected {shape}")
+
+    def put(key: str, parts: list[torch.Tensor]) -> None:
+        for rank, part in zip(ranks, parts):
+            rank[key] = part.clone()
+
+    for key, tensor in hf.items():
+        match = _LAYER.match(key)
+        sub = match.group(2) if match else key
+        prefix = key[: len(key) - len(sub)]
+        if key in ("model.embed_tokens.weight", "lm_head.weight"):
+            put(key, list(tensor.chunk(tp_size, dim=0)))
+        elif sub == "model.norm.weight" or sub in _REPLICATED_SUFFIXES:
+            put(key, [tensor] * tp_size)
+        elif sub == "self_attn.q_proj.weight":
+            q = _q_rows(tensor, tp_size, n_kv)
+            if fuse_qkv:
+                k = _kv_rows(hf[prefix + "self_attn.k_proj.weight"], tp_size, kvm)
+                v = _kv_rows(hf[prefix + "self_attn.v_proj.weight"], tp_size, kvm)
+                put(prefix + "self_attn.qkv_proj.weight_qkv", [torch.cat(p) for p in zip(q, k, v)])
+            else:
+                put(prefix + "self_attn.qkv_proj.weight_q", q)
+        elif sub in ("self_attn.k_proj.weight", "self_attn.v_proj.weight"):
+            if not fuse_qkv:
+                put(prefix + f"self_attn.qkv_proj.weight_{sub[10]}", _kv_rows(tensor, tp_size, kvm))
+        elif sub == "self_attn.o_proj.weight":
+            put(key, _o_cols(tensor, tp_size, n_kv))
+        elif sub == "mlp.gate_proj.weight":
+            gate = tensor.chunk(tp_size, dim=0)
+            up = hf[prefix + "mlp.up_proj.weight"].chunk(tp_size, dim=0)
+            put(prefix + "mlp.gate_up_proj.weight", [torch.cat(p) for p in zip(gate, up)])
+        elif sub == "mlp.up_proj.weight":
+            continue
+        elif sub == "mlp.down_proj.weight":
+            put(key, list(tensor.chunk(tp_size, dim=1)))
+    return ranks
+
+
+def expected_hf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Every key of a full HF Llama state dict for ``config`` with its shape."""
+    h, hd, inter = config.hidden_size, config.head_dim, config.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, h)
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (config.num_attention_heads * hd, h),
+                p + "self_attn.k_proj.weight": (config.num_key_value_heads * hd, h),
+                p + "self_attn.v_proj.weight": (config.num_key_value_heads * hd, h),
+                p + "self_attn.o_proj.weight": (h, config.num_attention_heads * hd),
+                p + "mlp.gate_proj.weight": (inter, h),
+                p + "mlp.up_proj.weight": (inter, h),
+                p + "mlp.down_proj.weight": (h, inter),
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+            }
+        )
+    return shapes
+
+
+def unshard_q_rows(parts: list[torch.Tensor], n_kv: int) -> torch.Tensor:
+    """Inverse of the query-group permutation on dim 0 (rank shards -> HF rows)."""
+    order = query_group_order(len(parts), n_kv)
+    groups: list[torch.Tensor | None] = [None] * len(parts)
+    for rank, g in enumerate(order):
+        groups[g] = parts[rank]
+    return torch.cat(groups, dim=0)  # type: ignore[arg-type]
+
+
+def unshard_o_cols(parts: list[torch.Tensor], n_kv: int) -> torch.Tensor:
+    """Inverse of the query-group permutation on dim 1 (rank shards -> HF columns)."""
+    order = query_group_order(len(parts), n_kv)
+    groups: list[torch.Tensor | None] = [None] * len(parts)
+    for rank, g in enumerate(order):
+        groups[g] = parts[rank]
+    return torch.cat(groups, dim=1)  # type: ignore[arg-type]
+
+
+def unshard_kv_rows(parts: list[torch.Tensor], n_kv: int, name: str = "kv", atol: float = 0.0) -> torch.Tensor:
+    """Rebuild K or V rows, checking that every replica of a KV head matches."""
+    tp = len(parts)
+    kvm = max(1, tp // n_kv)
+    if kvm == 1:
+        return torch.cat(parts, dim=0)
+    for rank in range(n_kv, tp):
+        if not torch.allclose(parts[rank], parts[rank % n_kv], atol=atol, rtol=0):
+            diff = (parts[rank].float() - parts[rank % n_kv].float()).abs().max().item()
+            raise ValueError(
+                f"{name}: KV replica on tp rank {rank} differs from rank {rank % n_kv} (max abs diff {diff:.3g})"
+            )
+    return torch.cat(parts[:n_kv], dim=0)
+
+
+def unshard_to_hf(ranks: list[dict[str, torch.Tensor]], config: LlamaConfig) -> dict[str, torch.Tensor]:
+    """Rebuild the full HF state dict from NxD rank state dicts (checks KV replicas are equal)."""
+    tp, n_kv = len(ranks), config.num_key_value_heads
+    check_tensor_parallel(config, tp)
+    out: dict[str, torch.Tensor] = {}
+    first = ranks[0]
+    q_rows = config.num_attention_heads * config.head_dim // tp
+    for key in first:
+        parts = [r[key] for r in ranks]
+        match = _LAYER.match(key)
+        sub = match.group(2) if match else key
+        prefix = key[: len(key) - len(sub)]
+        if key in ("model.embed_tokens.weight", "lm_head.weight"):
+            out[key] = torch.cat(parts, dim=0)
+        elif sub == "model.norm.weight" or sub in _REPLICATED_SUFFIXES:
+            out[key] = parts[0]
+        elif sub == "self_attn.qkv_proj.weight_qkv":
+            kv_rows = (parts[0].shape[0] - q_rows) // 2
+            split = [p.split([q_rows, kv_rows, kv_rows]) for p in parts]
+            out[prefix + "self_attn.q_proj.weight"] = unshard_q_rows([s[0] for s in split], n_kv)
+            for i, name in ((1, "k"), (2, "v")):
+                out[prefix + f"self_attn.{name}_proj.weight"] = unshard_kv_rows([s[i] for s in split], n_kv, key)
+        elif sub == "self_attn.qkv_proj.weight_q":
+            out[prefix + "self_attn.q_proj.weight"] = unshard_q_rows(parts, n_kv)
+        elif sub in ("self_attn.qkv_proj.weight_k", "self_attn.qkv_proj.weight_v"):
+            out[prefix + f"self_attn.{sub[-1]}_proj.weight"] = unshard_kv_rows(parts, n_kv, key)
+        elif sub == "self_attn.o_proj.weight":
+            out[key] = unshard_o_cols(parts, n_kv)
+        elif sub == "mlp.gate_up_proj.weight":
+            halves = [p.chunk(2, dim=0) for p in parts]
+            out[prefix + "mlp.gate_proj.weight"] = torch.cat([h[0] for h in halves], dim=0)
+            out[prefix + "mlp.up_proj.weight"] = torch.cat([h[1] for h in halves], dim=0)
+        elif sub == "mlp.down_proj.weight":
+            out[key] = torch.cat(parts, dim=1)
+        else:
+            raise KeyError(f"unknown NxD key {key!r}")
+    return out
+
+
+# --- LoRA adapters --------------------------------------------------------------------------
+# HF-layout adapter keys are PEFT's without the "base_model.model." prefix, e.g.
+# "model.layers.0.self_attn.q_proj.lora_A.weight". NxD fuses q/k/v (and gate/up) under one
+# shared lora_A, so the HF adapters of a fused group must share lora_A.
+
+_FUSED_GROUPS = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+_HF_TO_NXD_MODULE = {hf: nxd for nxd, group in _FUSED_GROUPS.items() for hf in group}
+
+
+def shard_lora_state_dict(
+    hf_lora: dict[str, torch.Tensor], config: LlamaConfig, tp_size: int, fuse_qkv: bool = False
+) -> list[dict[str, torch.Tensor]]:
+    """Split an HF-layout LoRA adapter into NxD rank state dicts (keys as ``apply_lora`` names them)."""
+    kvm = check_tensor_parallel(config, tp_size)
+    n_kv = config.num_key_value_heads
+    ranks: list[dict[str, torch.Tensor]] = [{} for _ in range(tp_size)]
+
+    def put(key: str, parts: list[torch.Tensor]) -> None:
+        for rank, part in zip(ranks, parts):
+            rank[key] = part.clone()
+
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in hf_lora})
+    done: set[str] = set()
+    for module in modules:
+        match = _LAYER.match(module)
+        if not match:
+            raise KeyError(f"LoRA module {module!r} is not inside model.layers.N")
+        prefix, sub = f"model.layers.{match.group(1)}.", match.group(2)
+        nxd = _HF_TO_NXD_MODULE.get(sub, sub)
+        target = prefix + nxd
+        if target in done:
+            continue
+        done.add(target)
+
+        def a(name: str) -> torch.Tensor:
+            return hf_lora[f"{prefix}{name}.lora_A.weight"]
+
+        def b(name: str) -> torch.Tensor:
+            return hf_lora[f"{prefix}{name}.lora_B.weight"]
+
+        if nxd in _FUSED_GROUPS:
+            group = _FUSED_GROUPS[nxd]
+            missing = [f"{prefix}{m}" for m in group if f"{prefix}{m}.lora_A.weight" not in hf_lora]
+            if missing:
+                raise KeyError(f"NxD fuses {group} into {nxd}: adapters missing for {missing}")
+            for other in group[1:]:
+                if not torch.equal(a(group[0]), a(other)):
+                    raise ValueError(f"{prefix}{other}.lora_A.weight differs from {prefix}{group[0]}: NxD's fused "
+                                     f"{nxd} has one shared lora_A")
+            put(target + ".lora_A.weight", [a(group[0])] * tp_size)
+            if nxd == "self_attn.qkv_proj":
+                q = _q_rows(b(group[0]), tp_size, n_kv)
+                k = _kv_rows(b(group[1]), tp_size, kvm)
+                v = _kv_rows(b(group[2]), tp_size, kvm)
+                if fuse_qkv:
+                    put(target + ".lora_B.weight_qkv", [torch.cat(p) for p in zip(q, k, v)])
+                else:
+                    put(target + ".lora_B.weight_q", q)
+                    put(target + ".lora_B.weight_k", k)
+                    put(target + ".lora_B.weight_v", v)
+            else:
+                gate, up = b(group[0]).chunk(tp_size, dim=0), b(group[1]).chunk(tp_size, dim=0)
+                put(target + ".lora_B.weight", [torch.cat(p) for p in zip(gate, up)])
+        elif nxd == "self_attn.o_proj":
+            put(target + ".lora_A.weight", _o_cols(a(nxd), tp_size, n_kv))
+            put(target + ".lora_B.weight", [b(nxd)] * tp_size)
+        elif nxd == "mlp.down_proj":
+            put(target + ".lora_A.weight", list(a(nxd).chunk(tp_size, dim=1)))
+            put(target + ".lora_B.weight", [b(nxd)] * tp_size)
+        else:
+            raise KeyError(f"LoRA on {module!r} has no NxD equivalent")
+    return ranks
+
+
+def unshard_lora_state_dict(ranks: list[dict[str, torch.Tensor]], config: LlamaConfig) -> dict[str, torch.Tensor]:
+    """Rebuild the HF-layout adapter (fused lora_A copied to each part, KV replicas checked)."""
+    tp, n_kv = len(ranks), config.num_key_value_heads
+    q_rows = config.num_attention_heads * config.head_dim // tp
+    out: dict[str, torch.Tensor] = {}
+    for key in ranks[0]:
+        parts = [r[key] for r in ranks]
+        module, _, param = key.partition(".lora_")
+        match = _LAYER.match(module)
+        if not match:
+            raise KeyError(f"unknown NxD LoRA key {key!r}")
+        prefix, sub = f"model.layers.{match.group(1)}.", match.group(2)
+        for part in parts[1:] if param == "A.weight" and sub in _FUSED_GROUPS else []:
+            if not torch.equal(part, parts[0]):
+                raise ValueError(f"{key}: replicated lora_A differs between tp ranks")
+        if sub in _FUSED_GROUPS and param == "A.weight":
+            for hf in _FUSED_GROUPS[sub]:
+                out[f"{prefix}{hf}.lora_A.weight"] = parts[0]
+        elif sub == "self_attn.qkv_proj":
+            if param == "B.weight_qkv":
+                kv_rows = (parts[0].shape[0] - q_rows) // 2
+                split = [p.split([q_rows, kv_rows, kv_rows]) for p in parts]
+                pieces = {n: [s[i] for s in split] for i, n in enumerate("qkv")}
+            else:
+                pieces = {param[-1]: parts}
+            for name, shards in pieces.items():
+                full = unshard_q_rows(shards, n_kv) if name == "q" else unshard_kv_rows(shards, n_kv, key)
+                out[f"{prefix}self_attn.{name}_proj.lora_B.weight"] = full
+        elif sub == "mlp.gate_up_proj":
+            halves = [p.chunk(2, dim=0) for p in parts]
+            out[f"{prefix}mlp.gate_proj.lora_B.weight"] = torch.cat([h[0] for h in halves], dim=0)
+            out[f"{prefix}mlp.up_proj.lora_B.weight"] = torch.cat([h[1] for h in halves], dim=0)
+        elif sub in ("self_attn.o_proj", "mlp.down_proj") and param == "B.weight":
+            for part in parts[1:]:
+                if not torch.equal(part, parts[0]):
+                    raise ValueError(f"{key}: replicated lora_B differs between tp ranks")
+            out[f"{prefix}{sub}.lora_B.weight"] = parts[0]
+        elif sub == "self_attn.o_proj":
+            out[f"{prefix}{sub}.lora_A.weight"] = unshard_o_cols(parts, n_kv)
+        elif sub == "mlp.down_proj":
+            out[f"{prefix}{sub}.lora_A.weight"] = torch.cat(parts, dim=1)
+        else:
+            raise KeyError(f"unknown NxD LoRA key {key!r}")
+    return out

@@ -1,0 +1,67 @@
+"""The backend interface: one object per runtime that the trainer and model talk to.
+
+A backend sets up the process groups, names the device, supplies the tensor-parallel
+layer classes (``layers``), and owns the few operations that differ by runtime: the
+optimizer step, barriers and per-rank tensor files.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+
+class BackendUnavailable(RuntimeError):
+    """The runtime a backend needs is not installed or has no device here."""
+
+
+class Backend(ABC):
+    name: str
+
+    @abstractmethod
+    def setup(self, tp_size: int, kv_size_multiplier: int = 1) -> None:
+        """Join the process group (torchrun's env:// variables, or a single process) and build TP groups."""
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device: ...
+
+    @property
+    @abstractmethod
+    def layers(self) -> SimpleNamespace:
+        """ParallelEmbedding, ColumnParallelLinear, RowParallelLinear, GQAQKVColumnParallelLinear,
+        parallel_cross_entropy, gather_from_tensor_model_parallel_region."""
+
+    @property
+    @abstractmethod
+    def rank(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def world_size(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def tp_rank(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def tp_size(self) -> int: ...
+
+    @abstractmethod
+    def barrier(self) -> None: ...
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.step()
+
+    @abstractmethod
+    def save_rank_tensors(self, state: dict, path: str | Path) -> None: ...
+
+    @abstractmethod
+    def load_rank_tensors(self, path: str | Path) -> dict: ...
+
+    @abstractmethod
+    def teardown(self) -> None: ...

@@ -1,0 +1,95 @@
+"""Eager PyTorch backends over torch.distributed: ``cpu`` (gloo) and ``cuda`` (NCCL).
+
+Launched by torchrun (or anything that sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT),
+or as a single process with TP=1 and no process group at all.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+
+from checkpoint_tools.atomic_io import load_tensors, save_tensors
+from nxd_lora import parallel
+from nxd_lora.backends.base import Backend, BackendUnavailable
+from nxd_lora.parallel import state
+
+
+class TorchDistributedBackend(Backend):
+    dist_backend: str
+
+    def setup(self, tp_size: int, kv_size_multiplier: int = 1) -> None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and not dist.is_initialized():
+            self._bind_device()
+            dist.init_process_group(self.dist_backend, init_method="env://")
+        if world % tp_size:
+            raise ValueError(f"tp={tp_size} does not divide the world size {world} (WORLD_SIZE from the launcher)")
+        state.initialize_model_parallel(tp_size, kv_size_multiplier)
+
+    def _bind_device(self) -> None:
+        """Hook for backends that pin one device per local rank."""
+
+    @property
+    def layers(self) -> SimpleNamespace:
+        return SimpleNamespace(**{name: getattr(parallel, name) for name in parallel.__all__})
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size() if dist.is_initialized() else 1
+
+    @property
+    def tp_rank(self) -> int:
+        return state.get_tensor_model_parallel_rank()
+
+    @property
+    def tp_size(self) -> int:
+        return state.get_tensor_model_parallel_size()
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    def save_rank_tensors(self, state_dict: dict, path: str | Path) -> None:
+        save_tensors(state_dict, path)
+
+    def load_rank_tensors(self, path: str | Path) -> dict:
+        return {k: v.to(self.device) for k, v in load_tensors(path).items()}
+
+    def teardown(self) -> None:
+        state.destroy_model_parallel()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class CpuBackend(TorchDistributedBackend):
+    name = "cpu"
+    dist_backend = "gloo"
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+
+class CudaBackend(TorchDistributedBackend):
+    name = "cuda"
+    dist_backend = "nccl"
+
+    def __init__(self) -> None:
+        if not torch.cuda.is_available():
+            raise BackendUnavailable("backend 'cuda' needs a CUDA GPU, and torch.cuda.is_available() is False here")
+
+    def _bind_device(self) -> None:
+        torch.cuda.set_device(self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

@@ -1,0 +1,167 @@
+"""A compact tensor-parallel Llama built from NxD-style layers.
+
+Module and parameter names follow NxD's Llama (``self_attn.qkv_proj``, ``mlp.gate_up_proj``),
+so a rank's state dict is exactly a rank file of an NxD checkpoint. The layer classes come
+from a ``layers`` namespace (``nxd_lora.parallel`` here, ``neuronx_distributed`` on Neuron).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from checkpoint_tools.llama_config import LlamaConfig, check_tensor_parallel
+from nxd_lora import parallel
+from nxd_lora.model.rope import RotaryEmbedding, apply_rotary
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    """GQA attention over this rank's query heads and the KV heads they attend to."""
+
+    def __init__(self, config: LlamaConfig, tp_size: int, kv_size_multiplier: int, fuse_qkv: bool,
+                 layers: SimpleNamespace, dtype: torch.dtype):
+        super().__init__()
+        hd = config.head_dim
+        self.head_dim = hd
+        self.local_heads = config.num_attention_heads // tp_size
+        self.local_kv_heads = config.num_key_value_heads * kv_size_multiplier // tp_size
+        self.qkv_proj = layers.GQAQKVColumnParallelLinear(
+            config.hidden_size,
+            [config.num_attention_heads * hd, config.num_key_value_heads * hd],
+            bias=False, gather_output=False, dtype=dtype,
+            kv_size_multiplier=kv_size_multiplier, fuse_qkv=fuse_qkv,
+        )
+        self.o_proj = layers.RowParallelLinear(
+            config.num_attention_heads * hd, config.hidden_size, bias=False, input_is_parallel=True, dtype=dtype
+        )
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attention_mask: torch.Tensor | None) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q, k, v = self.qkv_proj(x)
+        q = q.view(batch, seq, self.local_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seq, self.local_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq, self.local_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        groups = self.local_heads // self.local_kv_heads
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        if attention_mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
+        out = out.transpose(1, 2).reshape(batch, seq, self.local_heads * self.head_dim)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    """SwiGLU with gate and up fused into one column-parallel ``gate_up_proj`` ([gate_r; up_r])."""
+
+    def __init__(self, config: LlamaConfig, layers: SimpleNamespace, dtype: torch.dtype):
+        super().__init__()
+        self.gate_up_proj = layers.ColumnParallelLinear(
+            config.hidden_size, 2 * config.intermediate_size, stride=2, bias=False, gather_output=False, dtype=dtype
+        )
+        self.down_proj = layers.RowParallelLinear(
+            config.intermediate_size, config.hidden_size, bias=False, input_is_parallel=True, dtype=dtype
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig, tp_size: int, kv_size_multiplier: int, fuse_qkv: bool,
+                 layers: SimpleNamespace, dtype: torch.dtype):
+        super().__init__()
+        self.self_attn = Attention(config, tp_size, kv_size_multiplier, fuse_qkv, layers, dtype)
+        self.mlp = MLP(config, layers, dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+
+    def forward(self, x, cos, sin, attention_mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention_mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: LlamaConfig, tp_size: int, kv_size_multiplier: int, fuse_qkv: bool,
+                 layers: SimpleNamespace, dtype: torch.dtype):
+        super().__init__()
+        self.embed_tokens = layers.ParallelEmbedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, tp_size, kv_size_multiplier, fuse_qkv, layers, dtype)
+            for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.rotary_emb = RotaryEmbedding(config)
+
+    def forward(self, input_ids, position_ids, attention_mask):
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(position_ids, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, attention_mask)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama with a vocab-parallel ``lm_head`` and vocab-parallel cross entropy.
+
+    ``forward`` returns this rank's vocabulary shard of the logits unless ``gather_logits``;
+    with ``labels`` it also returns the mean loss over tokens whose (shifted) label is not
+    ``ignore_index``, computed without materialising the full vocabulary on any rank.
+    """
+
+    def __init__(self, config: LlamaConfig, tp_size: int | None = None, fuse_qkv: bool = False,
+                 dtype: torch.dtype = torch.float32, layers: SimpleNamespace | None = None):
+        super().__init__()
+        layers = layers or parallel
+        initialised_tp = layers.state.get_tensor_model_parallel_size()
+        tp_size = initialised_tp if tp_size is None else tp_size
+        self.kv_size_multiplier = check_tensor_parallel(config, tp_size)
+        if tp_size != initialised_tp:
+            raise ValueError(f"tp_size={tp_size}, but the process groups were initialised with tp={initialised_tp}")
+        self.config, self.tp_size, self.fuse_qkv = config, tp_size, fuse_qkv
+        self.model = LlamaModel(config, tp_size, self.kv_size_multiplier, fuse_qkv, layers, dtype)
+        self.lm_head = layers.ColumnParallelLinear(
+            config.hidden_size, config.vocab_size, bias=False, gather_output=False, dtype=dtype
+        )
+        self._cross_entropy = layers.parallel_cross_entropy
+        self._gather = layers.gather_from_tensor_model_parallel_region
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                gather_logits: bool = False, ignore_index: int = -100):
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        hidden = self.model(input_ids, position_ids, attention_mask)
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            shift_labels = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
+            token_loss = self._cross_entropy(logits, shift_labels, ignore_index=ignore_index)
+            count = (shift_labels != ignore_index).sum().clamp(min=1)
+            loss = token_loss.sum() / count
+        if gather_logits:
+            logits = self._gather(logits)
+        return logits, loss

@@ -1,0 +1,58 @@
+"""Backend registry, the Neuron stub and import hygiene."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nxd_lora.backends import BackendUnavailable, get_backend
+
+
+def test_unknown_backend_lists_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown backend 'tpu'; choose one of \['cpu', 'cuda', 'neuron'\]"):
+        get_backend("tpu")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("neuronx_distributed") is not None, reason="Neuron packages installed")
+def test_neuron_backend_names_the_neuron_pip_repository():
+    with pytest.raises(BackendUnavailable, match="pip.repos.neuron.amazonaws.com") as err:
+        get_backend("neuron")
+    assert "neuronx_distributed" in str(err.value) or "torch_neuronx" in str(err.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_cuda_backend_without_gpu_is_a_clear_error():
+    with pytest.raises(BackendUnavailable, match="needs a CUDA GPU"):
+        get_backend("cuda")
+
+
+def test_everything_imports_without_neuron_packages():
+    code = (
+        "import sys, pkgutil, importlib, nxd_lora, checkpoint_tools\n"
+        "for pkg in (nxd_lora, checkpoint_tools):\n"
+        "    for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):\n"
+        "        importlib.import_module(m.name)\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch_neuronx', 'neuronx_distributed', 'lightning')]\n"
+        "assert not bad, bad\n"
+        "ct = [m for m in sys.modules if m.startswith('checkpoint_tools')]\n"
+        "print('ok', len(ct))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ok")
+
+
+def test_cpu_backend_single_process():
+    backend = get_backend("cpu")
+    backend.setup(1)
+    try:
+        assert (backend.rank, backend.world_size, backend.tp_rank, backend.tp_size) == (0, 1, 0, 1)
+        assert backend.device == torch.device("cpu")
+        with pytest.raises(ValueError, match="tp=2 does not divide the world size 1"):
+            backend.setup(2)
+    finally:
+        backend.teardown()

@@ -1,0 +1,42 @@
+"""Functions run on spawned ranks by the tests (importable by name in the children)."""
+
+from __future__ import annotations
+
+import torch
+
+from checkpoint_tools.llama_config import LlamaConfig, check_tensor_parallel
+from checkpoint_tools.tp_layout import shard_lora_state_dict
+from nxd_lora.backends import get_backend
+from nxd_lora.lora.config import LoraConfig
+from nxd_lora.lora.model import apply_lora, describe_trainable, load_lora_state_dict, lora_parameters
+from nxd_lora.model.builder import build_model, rank_state_from_hf
+
+
+def forward_backward(config_dict: dict, tp: int, hf_state: dict, input_ids: torch.Tensor, labels: torch.Tensor,
+                     fuse_qkv: bool, lora_kwargs: dict, hf_lora: dict | None = None) -> dict:
+    """Base logits; then with LoRA applied: logits (gathered), loss, this rank's LoRA params and grads."""
+    config = LlamaConfig.from_dict(config_dict)
+    backend = get_backend("cpu")
+    backend.setup(tp, check_tensor_parallel(config, tp))
+    try:
+        model = build_model(config, backend, rank_state_from_hf(hf_state, config, backend, fuse_qkv), None, fuse_qkv)
+        with torch.no_grad():
+            base_logits, base_loss = model(input_ids, labels=labels, gather_logits=True)
+        apply_lora(model, LoraConfig(**lora_kwargs), layers=backend.layers)
+        if hf_lora is not None:
+            load_lora_state_dict(model, shard_lora_state_dict(hf_lora, config, tp, fuse_qkv)[backend.tp_rank])
+        logits, loss = model(input_ids, labels=labels, gather_logits=True)
+        loss.backward()
+        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        assert list(named.values()) == lora_parameters(model)
+        return {
+            "base_logits": base_logits,
+            "base_loss": base_loss,
+            "trainable": describe_trainable(model),
+            "logits": logits.detach(),
+            "loss": loss.detach(),
+            "lora": {n: p.detach() for n, p in named.items()},
+            "grads": {n: p.grad for n, p in named.items()},
+        }
+    finally:
+        backend.teardown()
