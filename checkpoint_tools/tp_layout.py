@@ -16,6 +16,7 @@ its ``parallel_layers`` and ``modules/qkv_linear.py``; see DESIGN.md):
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 import torch
 
@@ -45,61 +46,93 @@ def _kv_rows(weight: torch.Tensor, tp_size: int, kvm: int) -> list[torch.Tensor]
     return list(weight.repeat(kvm, 1).chunk(tp_size, dim=0))
 
 
+# A reader returns a slice of one full HF-layout tensor: (key, dim, start, length) -> tensor,
+# where dim None means the whole tensor. Sources read only the bytes a slice needs.
+Reader = Callable[[str, "int | None", int, "int | None"], torch.Tensor]
+
+
+def dict_reader(state: dict[str, torch.Tensor]) -> Reader:
+    def read(key: str, dim: int | None = None, start: int = 0, length: int | None = None) -> torch.Tensor:
+        tensor = state[key]
+        return tensor if dim is None else tensor.narrow(dim, start, length)
+
+    return read
+
+
+def check_hf_shapes(shapes: dict[str, tuple[int, ...]], config: LlamaConfig, source: str = "checkpoint") -> None:
+    """Every expected key present with its shape, nothing unexpected; errors name key and shapes."""
+    expected = expected_hf_shapes(config)
+    unknown = sorted(set(shapes) - set(expected))
+    if unknown:
+        raise KeyError(f"{source}: unexpected keys for this Llama config: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+    missing = sorted(set(expected) - set(shapes))
+    if missing:
+        raise KeyError(f"{source}: missing keys: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    for key, shape in expected.items():
+        if tuple(shapes[key]) != shape:
+            raise ValueError(f"{source}: {key}: shape {tuple(shapes[key])}, expected {shape}")
+
+
+def shard_ranks(read: Reader, config: LlamaConfig, tp_size: int, ranks: list[int], fuse_qkv: bool = False,
+                dtype: torch.dtype | None = None) -> list[dict[str, torch.Tensor]]:
+    """NxD state dicts of ``ranks``, reading only the slices they hold, one layer at a time.
+
+    Reads go layer by layer (all requested ranks per layer), so a streaming reader can drop
+    its file handles whenever the layer changes.
+    """
+    kvm = check_tensor_parallel(config, tp_size)
+    hd, n_kv = config.head_dim, config.num_key_value_heads
+    q_rows = config.num_attention_heads * hd // tp_size
+    kv_rows = n_kv * kvm * hd // tp_size
+    vocab = config.vocab_size // tp_size
+    inter = config.intermediate_size // tp_size
+    order = query_group_order(tp_size, n_kv)
+    outs: dict[int, dict[str, torch.Tensor]] = {r: {} for r in ranks}
+
+    def put(rank: int, key: str, tensor: torch.Tensor) -> None:
+        # One copy: detaches the slice from mapped file pages and makes it contiguous.
+        outs[rank][key] = tensor.to(dtype=dtype or tensor.dtype, copy=True, memory_format=torch.contiguous_format)
+
+    for r in ranks:
+        put(r, "model.embed_tokens.weight", read("model.embed_tokens.weight", 0, r * vocab, vocab))
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        for r in ranks:
+            q_start = order[r] * q_rows
+            kv_start = (r * kv_rows) % (n_kv * hd)  # K/V repeated kvm times, then split contiguously
+            q = read(p + "self_attn.q_proj.weight", 0, q_start, q_rows)
+            k = read(p + "self_attn.k_proj.weight", 0, kv_start, kv_rows)
+            v = read(p + "self_attn.v_proj.weight", 0, kv_start, kv_rows)
+            if fuse_qkv:
+                put(r, p + "self_attn.qkv_proj.weight_qkv", torch.cat([q, k, v]))
+            else:
+                put(r, p + "self_attn.qkv_proj.weight_q", q)
+                put(r, p + "self_attn.qkv_proj.weight_k", k)
+                put(r, p + "self_attn.qkv_proj.weight_v", v)
+            put(r, p + "self_attn.o_proj.weight", read(p + "self_attn.o_proj.weight", 1, q_start, q_rows))
+            gate = read(p + "mlp.gate_proj.weight", 0, r * inter, inter)
+            up = read(p + "mlp.up_proj.weight", 0, r * inter, inter)
+            put(r, p + "mlp.gate_up_proj.weight", torch.cat([gate, up]))
+            put(r, p + "mlp.down_proj.weight", read(p + "mlp.down_proj.weight", 1, r * inter, inter))
+            for norm in _REPLICATED_SUFFIXES:
+                put(r, p + norm, read(p + norm))
+    # NxD's Llama always has an lm_head; with tied embeddings it is a copy of the embedding
+    # shard, so the rank file loads with strict=True in NxD as well.
+    head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+    for r in ranks:
+        put(r, "model.norm.weight", read("model.norm.weight"))
+        put(r, "lm_head.weight", read(head, 0, r * vocab, vocab))
+    return [outs[r] for r in ranks]
+
+
 def shard_hf_state_dict(
     hf: dict[str, torch.Tensor], config: LlamaConfig, tp_size: int, fuse_qkv: bool = False
 ) -> list[dict[str, torch.Tensor]]:
-    """Split a full HF Llama state dict into ``tp_size`` NxD rank state dicts.
-
-    Raises ``KeyError``/``ValueError`` naming the key and the expected shape on bad input.
-    """
-    kvm = check_tensor_parallel(config, tp_size)
-    n_kv = config.num_key_value_heads
-    ranks: list[dict[str, torch.Tensor]] = [{} for _ in range(tp_size)]
-    expected = expected_hf_shapes(config)
-    unknown = sorted(set(hf) - set(expected))
-    if unknown:
-        raise KeyError(f"unexpected keys for this Llama config: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
-    missing = sorted(set(expected) - set(hf))
-    if missing:
-        raise KeyError(f"missing keys: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    for key, shape in expected.items():
-        if tuple(hf[key].shape) != shape:
-            raise ValueError(f"{key}: shape {tuple(hf[key].shape)}, expected {shape}")
-
-    def put(key: str, parts: list[torch.Tensor]) -> None:
-        for rank, part in zip(ranks, parts):
-            rank[key] = part.clone()
-
-    for key, tensor in hf.items():
-        match = _LAYER.match(key)
-        sub = match.group(2) if match else key
-        prefix = key[: len(key) - len(sub)]
-        if key in ("model.embed_tokens.weight", "lm_head.weight"):
-            put(key, list(tensor.chunk(tp_size, dim=0)))
-        elif sub == "model.norm.weight" or sub in _REPLICATED_SUFFIXES:
-            put(key, [tensor] * tp_size)
-        elif sub == "self_attn.q_proj.weight":
-            q = _q_rows(tensor, tp_size, n_kv)
-            if fuse_qkv:
-                k = _kv_rows(hf[prefix + "self_attn.k_proj.weight"], tp_size, kvm)
-                v = _kv_rows(hf[prefix + "self_attn.v_proj.weight"], tp_size, kvm)
-                put(prefix + "self_attn.qkv_proj.weight_qkv", [torch.cat(p) for p in zip(q, k, v)])
-            else:
-                put(prefix + "self_attn.qkv_proj.weight_q", q)
-        elif sub in ("self_attn.k_proj.weight", "self_attn.v_proj.weight"):
-            if not fuse_qkv:
-                put(prefix + f"self_attn.qkv_proj.weight_{sub[10]}", _kv_rows(tensor, tp_size, kvm))
-        elif sub == "self_attn.o_proj.weight":
-            put(key, _o_cols(tensor, tp_size, n_kv))
-        elif sub == "mlp.gate_proj.weight":
-            gate = tensor.chunk(tp_size, dim=0)
-            up = hf[prefix + "mlp.up_proj.weight"].chunk(tp_size, dim=0)
-            put(prefix + "mlp.gate_up_proj.weight", [torch.cat(p) for p in zip(gate, up)])
-        elif sub == "mlp.up_proj.weight":
-            continue
-        elif sub == "mlp.down_proj.weight":
-            put(key, list(tensor.chunk(tp_size, dim=1)))
-    return ranks
+    """Split a full in-memory HF Llama state dict into ``tp_size`` NxD rank state dicts."""
+    check_tensor_parallel(config, tp_size)
+    check_hf_shapes({k: tuple(v.shape) for k, v in hf.items()}, config)
+    read = dict_reader(hf)
+    return shard_ranks(read, config, tp_size, list(range(tp_size)), fuse_qkv)
 
 
 def expected_hf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -171,6 +204,8 @@ def unshard_to_hf(ranks: list[dict[str, torch.Tensor]], config: LlamaConfig) -> 
         match = _LAYER.match(key)
         sub = match.group(2) if match else key
         prefix = key[: len(key) - len(sub)]
+        if key == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # a copy of the embedding (see shard_ranks)
         if key in ("model.embed_tokens.weight", "lm_head.weight"):
             out[key] = torch.cat(parts, dim=0)
         elif sub == "model.norm.weight" or sub in _REPLICATED_SUFFIXES:
@@ -291,8 +326,8 @@ def unshard_lora_state_dict(ranks: list[dict[str, torch.Tensor]], config: LlamaC
             if not torch.equal(part, parts[0]):
                 raise ValueError(f"{key}: replicated lora_A differs between tp ranks")
         if sub in _FUSED_GROUPS and param == "A.weight":
-            for hf in _FUSED_GROUPS[sub]:
-                out[f"{prefix}{hf}.lora_A.weight"] = parts[0]
+            for hf in _FUSED_GROUPS[sub]:  # a copy each: HF modules own their adapters
+                out[f"{prefix}{hf}.lora_A.weight"] = parts[0].clone()
         elif sub == "self_attn.qkv_proj":
             if param == "B.weight_qkv":
                 kv_rows = (parts[0].shape[0] - q_rows) // 2

@@ -13,6 +13,48 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from checkpoint_tools.convert import convert_to_hf, convert_to_nxd
+    from checkpoint_tools.llama_config import LlamaConfig
+    from checkpoint_tools.nxd_format import MANIFEST, resolve_tag_dir
+
+    try:
+        is_nxd = (resolve_tag_dir(args.src) / MANIFEST).is_file()
+    except FileNotFoundError:
+        is_nxd = False
+    if is_nxd:
+        if args.tp is not None:
+            raise ValueError(f"{args.src} is an NxD checkpoint: it converts back to HF, and --tp does not apply")
+        convert_to_hf(args.src, args.dst, overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_gb * 2**30))
+        return 0
+    if args.tp is None:
+        raise ValueError("--tp is required to convert an HF or Meta checkpoint to NxD shards")
+    config = LlamaConfig.from_json(args.config) if args.config else None
+    convert_to_nxd(args.src, args.dst, args.tp, fuse_qkv=args.fuse_qkv, dtype=args.dtype, overwrite=args.overwrite,
+                   config=config, memory_budget=int(args.memory_budget_gb * 2**30))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from checkpoint_tools.export import export_merged, export_peft
+
+    if args.merged:
+        export_merged(args.src, args.dst, base=args.base, overwrite=args.overwrite, tokenizer_dir=args.tokenizer_dir)
+    else:
+        export_peft(args.src, args.dst, base_model=args.base_model, overwrite=args.overwrite)
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from checkpoint_tools.inspect import inspect_path
+
+    report, problems = inspect_path(args.path, verify=args.verify)
+    print(report)
+    for problem in problems:
+        print(f"PROBLEM: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nxd-lora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -24,6 +66,38 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="demo_output", help="directory for the rank files (default ./demo_output)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+
+    convert = sub.add_parser(
+        "convert", help="HF/Meta Llama -> TP-sharded NxD checkpoint, or an NxD checkpoint back to HF safetensors",
+        description="The direction is detected: a directory written by 'nxd-lora convert' converts back to HF; "
+                    "anything else (HF safetensors/.bin with config.json, Meta original/consolidated.NN.pth with "
+                    "params.json) converts to NxD shards under DST/pretrained_weight/model/.")
+    convert.add_argument("src")
+    convert.add_argument("dst")
+    convert.add_argument("--tp", type=int, help="tensor-parallel size (required towards NxD), e.g. 32 on trn1.32xlarge")
+    convert.add_argument("--fuse-qkv", action=argparse.BooleanOptionalAction, default=False,
+                         help="store qkv_proj.weight_qkv instead of weight_q/_k/_v (default: separate)")
+    convert.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], help="output dtype (default: the source's)")
+    convert.add_argument("--config", help="HF config.json to use instead of the one found beside the weights")
+    convert.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+    convert.add_argument("--memory-budget-gb", type=float, default=2.0, help="rank shards held at once (default 2)")
+    convert.add_argument("--max-shard-gb", type=float, default=2.0, help="HF output shard size (default 2)")
+    convert.set_defaults(func=_convert)
+
+    export = sub.add_parser("export", help="trained LoRA checkpoint -> PEFT adapter dir, or merged HF model (--merged)")
+    export.add_argument("src", help="a checkpoint root (newest complete tag) or a tag directory")
+    export.add_argument("dst")
+    export.add_argument("--merged", action="store_true", help="write a merged HF model instead of a PEFT adapter")
+    export.add_argument("--base", help="converted NxD base checkpoint (for --merged from an adapter-only save)")
+    export.add_argument("--base-model", help="base_model_name_or_path written into adapter_config.json")
+    export.add_argument("--tokenizer-dir", help="copy tokenizer files from here (default: the base's source dir)")
+    export.add_argument("--overwrite", action="store_true")
+    export.set_defaults(func=_export)
+
+    inspect = sub.add_parser("inspect", help="describe a checkpoint (any supported format); --verify checks sha256")
+    inspect.add_argument("path")
+    inspect.add_argument("--verify", action="store_true", help="recompute sizes and sha256 against the manifest")
+    inspect.set_defaults(func=_inspect)
     return parser
 
 
@@ -31,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, NotImplementedError) as err:
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, NotImplementedError) as err:
         print(f"nxd-lora {args.command}: error: {err}", file=sys.stderr)
         return 2
 

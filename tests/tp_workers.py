@@ -40,3 +40,33 @@ def forward_backward(config_dict: dict, tp: int, hf_state: dict, input_ids: torc
         }
     finally:
         backend.teardown()
+
+
+def train_and_save(base_dir: str, out_root: str, tp: int, lora_kwargs: dict, input_ids: torch.Tensor,
+                   steps: int = 3) -> dict:
+    """Load converted rank files, LoRA-train a few steps, save in all three modes; return the logits."""
+    from checkpoint_tools.nxd_format import check_manifest, manifest_config, rank_path
+    from nxd_lora.checkpointing import SAVE_MODES, save_lora_checkpoint
+    from nxd_lora.lora.model import lora_parameters as params_of
+
+    manifest = check_manifest(f"{base_dir}/pretrained_weight", tp=tp)
+    config = manifest_config(manifest, base_dir)
+    backend = get_backend("cpu")
+    backend.setup(tp, manifest["kv_size_multiplier"])
+    try:
+        lora = LoraConfig(**lora_kwargs)
+        base = backend.load_rank_tensors(rank_path(f"{base_dir}/pretrained_weight", backend.tp_rank))
+        model = build_model(config, backend, base, lora, fuse_qkv=manifest["fuse_qkv"])
+        optimizer = torch.optim.AdamW(params_of(model), lr=0.05)
+        for _ in range(steps):
+            _, loss = model(input_ids, labels=input_ids)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        with torch.no_grad():
+            logits, _ = model(input_ids, gather_logits=True)
+        for mode in SAVE_MODES:
+            save_lora_checkpoint(model, backend, f"{out_root}/{mode.replace('+', '_')}", "step_3", mode, lora)
+        return {"logits": logits}
+    finally:
+        backend.teardown()

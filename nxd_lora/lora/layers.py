@@ -54,6 +54,17 @@ class LoraLayer(nn.Module):
         """Adapter parameters of the unsharded model (replicas counted once)."""
         raise NotImplementedError
 
+    def delta_weights(self) -> dict[str, torch.Tensor]:
+        """``scaling * B @ A`` for each base weight, in this rank's shard layout (no communication).
+
+        Column-parallel and GQA bases pair ``base_layer.<name>`` with ``lora_B.<name>``
+        (``weight``, ``weight_q``...); a row-parallel base takes ``B @ A_r`` on its input shard.
+        """
+        names = [n for n, _ in self.base_layer.named_parameters(recurse=False) if n.startswith("weight")]
+        if isinstance(self.lora_B, nn.Linear):  # row-parallel base: replicated B, sharded A
+            return {"weight": (self.lora_B.weight @ self.lora_A.weight) * self.scaling}
+        return {n: (getattr(self.lora_B, n) @ self.lora_A.weight) * self.scaling for n in names}
+
 
 class LoraColumnParallelLinear(LoraLayer):
     def __init__(self, base_layer: nn.Module, config: LoraConfig, layers: SimpleNamespace, seed: int):

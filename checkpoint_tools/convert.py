@@ -1,0 +1,208 @@
+"""Streaming conversion between Meta/HF Llama checkpoints and TP-sharded NxD checkpoints.
+
+HF/Meta -> NxD: ranks are produced a few at a time (as many as fit a memory budget), each
+pass reading only those ranks' slices, layer by layer, so peak memory is about the ranks in
+flight plus one tensor, not the model. NxD -> HF: one output tensor at a time, gathered from
+memory-mapped rank files, written in size-bounded safetensors shards with an index.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save_file
+
+from checkpoint_tools.atomic_io import atomic_write
+from checkpoint_tools.llama_config import LlamaConfig, check_tensor_parallel
+from checkpoint_tools.nxd_format import (
+    BASE_TAG,
+    FORMAT_VERSION,
+    manifest_config,
+    mark_done,
+    mark_started,
+    publish_directory,
+    rank_path,
+    read_manifest,
+    resolve_tag_dir,
+    save_rank_file,
+    write_manifest,
+)
+from checkpoint_tools.sources import CheckpointError, Source, open_source
+from checkpoint_tools.tp_layout import check_hf_shapes, expected_hf_shapes, shard_ranks, unshard_to_hf
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+          "fp16": torch.float16, "float16": torch.float16}
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _layer_releasing_reader(source: Source):
+    """Read through ``source``; drop its cached handles whenever reading moves to a new layer."""
+    current: list[str | None] = [None]
+
+    def read(key, dim=None, start=0, length=None):
+        match = _LAYER_KEY.match(key)
+        layer = match.group(1) if match else key
+        if layer != current[0]:
+            source.release()
+            current[0] = layer
+        return source.read(key, dim, start, length)
+
+    return read
+
+
+def ranks_per_pass(config: LlamaConfig, tp: int, dtype: torch.dtype, memory_budget: int) -> int:
+    """How many rank shards fit in ``memory_budget`` bytes at once (at least one)."""
+    elements = sum(torch.Size(s).numel() for s in expected_hf_shapes(config).values())
+    shard_bytes = elements * torch.empty((), dtype=dtype).element_size() / tp
+    return max(1, min(tp, int(memory_budget // max(shard_bytes, 1))))
+
+
+def convert_to_nxd(
+    src: str | Path,
+    dst: str | Path,
+    tp: int,
+    fuse_qkv: bool = False,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    config: LlamaConfig | None = None,
+    memory_budget: int = 2 << 30,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Convert a Meta or HF checkpoint into ``<dst>/pretrained_weight/model/*.pt`` + manifest."""
+    source = open_source(src, config)
+    cfg = source.config
+    kvm = check_tensor_parallel(cfg, tp)
+    check_hf_shapes(source.shapes, cfg, source=str(source.path))
+    out_dtype = DTYPES[dtype] if dtype else source.dtype
+    per_pass = ranks_per_pass(cfg, tp, out_dtype, memory_budget)
+    log(f"convert: {source.format} checkpoint {source.path} -> {dst} (tp={tp}, kv_size_multiplier={kvm}, "
+        f"fuse_qkv={fuse_qkv}, dtype={_dtype_name(out_dtype)}, {per_pass} rank(s) per pass)")
+    start = time.perf_counter()
+    files = {}
+    read = _layer_releasing_reader(source)
+    with publish_directory(dst, overwrite) as staging:
+        mark_started(staging / BASE_TAG)
+        for first in range(0, tp, per_pass):
+            ranks = list(range(first, min(tp, first + per_pass)))
+            for rank, state in zip(ranks, shard_ranks(read, cfg, tp, ranks, fuse_qkv, out_dtype)):
+                path = rank_path(staging / BASE_TAG, rank)
+                files[str(path.relative_to(staging / BASE_TAG))] = save_rank_file(state, path)
+            source.release()
+            log(f"convert: wrote ranks {ranks[0]}..{ranks[-1]} of {tp} ({time.perf_counter() - start:.1f}s)")
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "written_by": "nxd-lora convert",
+            "kind": "base",
+            "tag": BASE_TAG,
+            "config": cfg.to_hf_dict(),
+            "tp": tp,
+            "pp": 1,
+            "kv_size_multiplier": kvm,
+            "kv_layout": "trn1",
+            "fuse_qkv": fuse_qkv,
+            "fuse_gate_up": True,
+            "dtype": _dtype_name(out_dtype),
+            "source": {"format": source.format, "path": str(Path(src).absolute())},
+            "files": files,
+        }
+        write_manifest(staging / BASE_TAG, manifest)
+        mark_done(staging / BASE_TAG)
+    log(f"convert: done in {time.perf_counter() - start:.1f}s")
+    return manifest
+
+
+def load_rank_files(tag_dir: Path, tp: int) -> list[dict[str, torch.Tensor]]:
+    """All rank files of a tag, memory-mapped (weights only); errors name the file."""
+    ranks = []
+    for rank in range(tp):
+        path = rank_path(tag_dir, rank)
+        try:
+            ranks.append(torch.load(path, map_location="cpu", mmap=True, weights_only=True))
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: rank file missing (manifest says tp={tp})") from None
+        except Exception as err:
+            raise CheckpointError(f"{path}: cannot be read ({type(err).__name__}: {err})") from None
+    return ranks
+
+
+def _plan_shards(shapes: dict[str, tuple[int, ...]], element_size: int, max_shard_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, shape in shapes.items():
+        nbytes = torch.Size(shape).numel() * element_size
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    return shards
+
+
+def _layer_of(key: str) -> str:
+    match = _LAYER_KEY.match(key)
+    return match.group(0) if match else key
+
+
+def write_hf_model(staging: Path, cfg: LlamaConfig, dtype: torch.dtype,
+                   layer_tensors: Callable[[Callable[[str], bool]], dict[str, torch.Tensor]],
+                   log: Callable[[str], None] = print, max_shard_bytes: int = 2 << 30) -> None:
+    """Write HF safetensors shards + index + config.json into ``staging``, one layer at a time.
+
+    ``layer_tensors(keep)`` returns full HF tensors built from the NxD keys for which
+    ``keep(nxd_key)`` is true; it is asked for one layer (or top-level tensor) at a time.
+    """
+    shapes = expected_hf_shapes(cfg)
+    element = torch.empty((), dtype=dtype).element_size()
+    shards = _plan_shards(shapes, element, max_shard_bytes)
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, keys in zip(names, shards):
+        tensors: dict[str, torch.Tensor] = {}
+        for group in dict.fromkeys(_layer_of(k) for k in keys):
+            full = layer_tensors(lambda nxd_key, group=group: _layer_of(nxd_key) == group)
+            tensors.update({k: v.to(dtype).contiguous() for k, v in full.items() if k in keys})
+        missing = [k for k in keys if k not in tensors]
+        if missing:
+            raise CheckpointError(f"NxD checkpoint lacks tensors for {missing[:5]}")
+        save_file(tensors, str(staging / name), metadata={"format": "pt"})  # staging is published atomically
+        weight_map.update({k: name for k in tensors})
+        log(f"convert: wrote {name} ({len(tensors)} tensors)")
+    total = sum(torch.Size(s).numel() for s in shapes.values()) * element
+    with atomic_write(staging / "model.safetensors.index.json", "w") as handle:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, handle, indent=2)
+    with atomic_write(staging / "config.json", "w") as handle:
+        json.dump(dict(cfg.to_hf_dict(), torch_dtype=_dtype_name(dtype)), handle, indent=2)
+
+
+def convert_to_hf(
+    src: str | Path,
+    dst: str | Path,
+    overwrite: bool = False,
+    max_shard_bytes: int = 2 << 30,
+    log: Callable[[str], None] = print,
+) -> None:
+    """Rebuild HF safetensors (sharded + index) and config.json from a converted NxD checkpoint.
+
+    K/V replicas are checked to be equal. Each layer is rebuilt from freshly mapped rank
+    files, so memory stays near one output shard.
+    """
+    tag_dir = resolve_tag_dir(src)
+    manifest = read_manifest(tag_dir)
+    cfg = manifest_config(manifest, tag_dir)
+    tp = int(manifest["tp"])
+
+    def layer_tensors(keep: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+        ranks = load_rank_files(tag_dir, tp)
+        return unshard_to_hf([{k: v for k, v in r.items() if keep(k)} for r in ranks], cfg)
+
+    with publish_directory(dst, overwrite) as staging:
+        write_hf_model(staging, cfg, getattr(torch, manifest["dtype"]), layer_tensors, log, max_shard_bytes)

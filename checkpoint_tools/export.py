@@ -1,0 +1,156 @@
+"""Export trained NxD LoRA checkpoints for the Hugging Face ecosystem.
+
+* ``export_peft``: a PEFT adapter directory (``adapter_model.safetensors`` +
+  ``adapter_config.json``) that ``peft.PeftModel.from_pretrained`` loads onto
+  ``transformers.LlamaForCausalLM``: fused qkv / gate_up adapters split into HF modules
+  (shared ``lora_A`` copied to each), KV replicas checked equal and dropped, query-group
+  order undone.
+* ``export_merged``: an HF model directory (sharded safetensors + index, config.json,
+  generation_config.json, tokenizer files when known) with the adapter folded into the base.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save_file
+
+from checkpoint_tools.atomic_io import atomic_write
+from checkpoint_tools.convert import load_rank_files, write_hf_model
+from checkpoint_tools.nxd_format import manifest_config, publish_directory, read_manifest, resolve_tag_dir
+from checkpoint_tools.sources import CheckpointError
+from checkpoint_tools.tp_layout import unshard_lora_state_dict, unshard_to_hf
+
+PEFT_PREFIX = "base_model.model."
+VLLM_DEFAULT_MAX_LORA_RANK = 16
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "generation_config.json")
+
+
+def _lora_tag(path: str | Path) -> tuple[Path, dict]:
+    tag_dir = resolve_tag_dir(path)
+    manifest = read_manifest(tag_dir)
+    if manifest.get("kind") != "lora":
+        raise CheckpointError(f"{tag_dir}: manifest kind is {manifest.get('kind')!r}, expected a trained LoRA "
+                              f"checkpoint ('lora')")
+    return tag_dir, manifest
+
+
+def peft_adapter_config(lora: dict, target_modules: list[str], base_model: str | None) -> dict:
+    """The standard PEFT LoraConfig fields (nothing NxD-specific)."""
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora["lora_rank"], "lora_alpha": lora["lora_alpha"],
+        "lora_dropout": lora["lora_dropout"], "target_modules": sorted(target_modules), "bias": "none",
+        "base_model_name_or_path": base_model, "use_rslora": lora["use_rslora"], "fan_in_fan_out": False,
+        "inference_mode": True, "modules_to_save": None, "init_lora_weights": True,
+    }
+
+
+def vllm_warnings(lora: dict) -> list[str]:
+    """Options that vLLM cannot serve with its defaults."""
+    out = []
+    if lora["lora_rank"] > VLLM_DEFAULT_MAX_LORA_RANK:
+        out.append(f"LoRA rank {lora['lora_rank']} > {VLLM_DEFAULT_MAX_LORA_RANK}: start vLLM with "
+                   f"--max-lora-rank {lora['lora_rank']} (or higher)")
+    return out
+
+
+def export_peft(src: str | Path, dst: str | Path, base_model: str | None = None, overwrite: bool = False,
+                log: Callable[[str], None] = print) -> dict[str, torch.Tensor]:
+    """Write a PEFT adapter directory from an ``adapter`` or ``base+adapter`` LoRA checkpoint."""
+    tag_dir, manifest = _lora_tag(src)
+    if manifest["save_mode"] == "merged":
+        raise CheckpointError(f"{tag_dir}: save mode 'merged' holds no separate adapter; use export --merged")
+    cfg = manifest_config(manifest, tag_dir)
+    ranks = load_rank_files(tag_dir, int(manifest["tp"]))
+    adapters = unshard_lora_state_dict([{k: v for k, v in r.items() if "lora_" in k} for r in ranks], cfg)
+    tensors = {PEFT_PREFIX + k: v.contiguous() for k, v in adapters.items()}
+    targets = sorted({k.split(".")[-3] for k in adapters})
+    lora = manifest["lora"]
+    for message in vllm_warnings(lora):
+        warnings.warn(message, stacklevel=2)
+        log(f"export: warning: {message}")
+    with publish_directory(dst, overwrite) as staging:
+        save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
+        with atomic_write(staging / "adapter_config.json", "w") as handle:
+            json.dump(peft_adapter_config(lora, targets, base_model), handle, indent=2, sort_keys=True)
+    log(f"export: PEFT adapter ({len(tensors)} tensors, targets {targets}) -> {dst}")
+    return adapters
+
+
+def merge_adapters(hf: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor], scaling: float) -> None:
+    """Fold HF-layout adapters into HF weights in place: ``W += scaling * B @ A`` (in fp32)."""
+    for key in [k for k in adapters if k.endswith(".lora_A.weight")]:
+        module = key.removesuffix(".lora_A.weight")
+        weight = hf[module + ".weight"]
+        delta = adapters[module + ".lora_B.weight"].float() @ adapters[key].float()
+        hf[module + ".weight"] = (weight.float() + scaling * delta).to(weight.dtype)
+
+
+def _scaling(lora: dict) -> float:
+    rank = lora["lora_rank"]
+    return lora["lora_alpha"] / (rank**0.5 if lora["use_rslora"] else rank)
+
+
+def export_merged(src: str | Path, dst: str | Path, base: str | Path | None = None, overwrite: bool = False,
+                  tokenizer_dir: str | Path | None = None, log: Callable[[str], None] = print) -> None:
+    """Write an HF model directory with the adapter merged in.
+
+    ``base`` (a converted NxD base checkpoint) is needed only for ``adapter`` saves.
+    """
+    tag_dir, manifest = _lora_tag(src)
+    cfg = manifest_config(manifest, tag_dir)
+    tp, mode = int(manifest["tp"]), manifest["save_mode"]
+    if mode == "adapter" and base is None:
+        raise CheckpointError(f"{tag_dir}: an adapter-only checkpoint needs --base (the converted base checkpoint)")
+    base_dir = resolve_tag_dir(base) if mode == "adapter" else tag_dir
+    base_manifest = read_manifest(base_dir)
+    for field in ("tp", "fuse_qkv", "kv_size_multiplier"):
+        if base_manifest.get(field) != manifest.get(field):
+            raise CheckpointError(f"{base_dir}: base {field}={base_manifest.get(field)!r} but the adapter was trained "
+                                  f"with {field}={manifest.get(field)!r}")
+    if manifest_config(base_manifest, base_dir) != cfg:
+        raise CheckpointError(f"{base_dir}: base model config differs from the one the adapter was trained on")
+
+    def layer_tensors(layer_filter: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+        base_ranks = load_rank_files(base_dir, tp)
+        base_part = [{k.replace(".base_layer.", "."): v for k, v in r.items() if "lora_" not in k and layer_filter(k)}
+                     for r in base_ranks]
+        hf = unshard_to_hf(base_part, cfg)
+        if mode != "merged":
+            lora_ranks = base_ranks if mode == "base+adapter" else load_rank_files(tag_dir, tp)
+            lora_part = [{k: v for k, v in r.items() if "lora_" in k and layer_filter(k)} for r in lora_ranks]
+            if lora_part[0]:
+                merge_adapters(hf, unshard_lora_state_dict(lora_part, cfg), _scaling(manifest["lora"]))
+        return hf
+
+    dtype = getattr(torch, base_manifest["dtype"])
+    with publish_directory(dst, overwrite) as staging:
+        write_hf_model(staging, cfg, dtype, layer_tensors, log)
+        tokenizer_dir = tokenizer_dir or (base_manifest.get("source") or {}).get("path")
+        copied = _copy_tokenizer_files(Path(tokenizer_dir), staging) if tokenizer_dir else []
+        if "generation_config.json" not in copied:
+            _write_generation_config(staging, cfg)
+    log(f"export: merged HF model ({mode} checkpoint) -> {dst}")
+
+
+def _copy_tokenizer_files(source: Path, staging: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        for candidate in (source / name, source / "original" / name):
+            if candidate.is_file():
+                shutil.copy2(candidate, staging / name)
+                copied.append(name)
+                break
+    return copied
+
+
+def _write_generation_config(staging: Path, cfg) -> None:
+    fields = {k: cfg.extra[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.extra.get(k) is not None}
+    with atomic_write(staging / "generation_config.json", "w") as handle:
+        json.dump({"_from_model_config": True, **fields}, handle, indent=2)

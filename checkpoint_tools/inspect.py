@@ -1,0 +1,49 @@
+"""Describe any supported checkpoint: NxD (from its manifest) or HF / Meta (from the files)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from checkpoint_tools.nxd_format import MANIFEST, read_manifest, resolve_tag_dir, verify_files
+from checkpoint_tools.sources import open_source
+
+
+def inspect_path(path: str | Path, verify: bool = False) -> tuple[str, list[str]]:
+    """(human-readable report, problems). Problems are only looked for with ``verify``."""
+    try:
+        tag_dir = resolve_tag_dir(path)
+        has_manifest = (tag_dir / MANIFEST).is_file()
+    except FileNotFoundError:
+        has_manifest = False
+    if has_manifest:
+        manifest = read_manifest(tag_dir)
+        cfg = manifest["config"]
+        lines = [
+            f"NxD checkpoint {tag_dir} ({manifest['kind']}, written by {manifest['written_by']})",
+            f"  tp={manifest['tp']} kv_size_multiplier={manifest['kv_size_multiplier']} fuse_qkv={manifest['fuse_qkv']}"
+            f" dtype={manifest['dtype']}" + (f" save_mode={manifest['save_mode']}" if "save_mode" in manifest else ""),
+            f"  model: {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, heads {cfg['num_attention_heads']}"
+            f"/{cfg['num_key_value_heads']} kv, vocab {cfg['vocab_size']}",
+        ]
+        if "lora" in manifest:
+            lora = manifest["lora"]
+            lines.append(f"  lora: r={lora['lora_rank']} alpha={lora['lora_alpha']} targets={lora['target_modules']}")
+        if "source" in manifest:
+            lines.append(f"  converted from {manifest['source']['format']} {manifest['source']['path']}")
+        total = sum(f["bytes"] for f in manifest["files"].values())
+        lines.append(f"  {len(manifest['files'])} rank files, {total / 2**20:.1f} MiB")
+        problems = verify_files(tag_dir, manifest) if verify else []
+        if verify and not problems:
+            lines.append("  verified: every file matches its size and sha256")
+        return "\n".join(lines), problems
+    source = open_source(path)
+    params = sum(torch.Size(s).numel() for s in source.shapes.values())
+    lines = [
+        f"{source.format} checkpoint {source.path}",
+        f"  dtype={str(source.dtype).removeprefix('torch.')} parameters={params:,}",
+        "  config: " + json.dumps(source.config.to_hf_dict(), sort_keys=True),
+    ]
+    return "\n".join(lines), []

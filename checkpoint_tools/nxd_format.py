@@ -1,0 +1,169 @@
+"""NxD checkpoint directories: rank file names, our manifest, atomic directory publishing.
+
+Layout (as ``neuronx_distributed.trainer.checkpoint`` reads it)::
+
+    <root>/<tag>/model/dp_rank_00_tp_rank_{tp:02d}_pp_rank_00.pt   flat torch.save dicts
+    <root>/<tag>/nxd_lora_manifest.json                             ours: config, flags, sha256
+    <root>/<tag>/checkpoint                                         "1", written when a save starts
+    <root>/<tag>/done                                               "1", written last
+
+The manifest records how the checkpoint was made (NxD's converter records nothing), and
+lets a loader refuse a checkpoint that does not match what it was asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from checkpoint_tools.atomic_io import atomic_write
+from checkpoint_tools.llama_config import LlamaConfig
+
+MANIFEST = "nxd_lora_manifest.json"
+BASE_TAG = "pretrained_weight"
+FORMAT_VERSION = 1
+
+
+def rank_file_name(tp_rank: int, dp_rank: int = 0, pp_rank: int = 0) -> str:
+    return f"dp_rank_{dp_rank:02d}_tp_rank_{tp_rank:02d}_pp_rank_{pp_rank:02d}.pt"
+
+
+def rank_path(tag_dir: Path, tp_rank: int) -> Path:
+    return Path(tag_dir) / "model" / rank_file_name(tp_rank)
+
+
+class _HashingWriter:
+    """File-like wrapper that hashes what ``torch.save`` writes through it."""
+
+    def __init__(self, handle):
+        self.handle, self.sha256, self.size = handle, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.handle.write(data)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def save_rank_file(state: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
+    """Atomically ``torch.save`` one rank's flat dict; return its size and sha256."""
+    with atomic_write(path) as handle:
+        writer = _HashingWriter(handle)
+        torch.save(state, writer)
+    return {"bytes": writer.size, "sha256": writer.sha256.hexdigest()}
+
+
+def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def mark_started(tag_dir: Path) -> None:
+    """NxD writes ``<tag>/checkpoint`` ("1") when a save begins."""
+    with atomic_write(Path(tag_dir) / "checkpoint", "w") as handle:
+        handle.write("1")
+
+
+def mark_done(tag_dir: Path) -> None:
+    """NxD's completion marker ``<tag>/done`` ("1"); the newest ``done`` is the newest complete tag."""
+    with atomic_write(Path(tag_dir) / "done", "w") as handle:
+        handle.write("1")
+
+
+def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    with atomic_write(root / MANIFEST, "w") as handle:
+        json.dump(manifest, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+
+
+def resolve_tag_dir(path: str | Path) -> Path:
+    """A tag directory, given either itself or a checkpoint root; for a root, the newest
+    complete tag (newest ``<tag>/done`` by mtime, as ``nxd.load_checkpoint(tag=None)`` picks)."""
+    path = Path(path)
+    if (path / MANIFEST).is_file() or (path / "model").is_dir():
+        return path
+    complete = sorted(path.glob("*/done"), key=lambda p: p.stat().st_mtime)
+    if not complete:
+        raise FileNotFoundError(f"{path}: no complete checkpoint (no <tag>/done and no model/ directory)")
+    return complete[-1].parent
+
+
+def read_manifest(tag_dir: Path) -> dict[str, Any]:
+    path = Path(tag_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no manifest (not a checkpoint written by nxd-lora convert?)") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
+    return manifest
+
+
+def manifest_config(manifest: dict[str, Any], tag_dir: Path) -> LlamaConfig:
+    return LlamaConfig.from_dict(manifest["config"], source=str(Path(tag_dir) / MANIFEST))
+
+
+def check_manifest(tag_dir: Path, **expected: Any) -> dict[str, Any]:
+    """Read the manifest and refuse it when any ``expected`` field differs (names field and values)."""
+    manifest = read_manifest(tag_dir)
+    wrong = [f"{k}={manifest.get(k)!r} (expected {v!r})" for k, v in expected.items() if manifest.get(k) != v]
+    if wrong:
+        raise ValueError(f"{Path(tag_dir) / MANIFEST}: checkpoint does not match: {', '.join(wrong)}")
+    return manifest
+
+
+def verify_files(tag_dir: Path, manifest: dict[str, Any] | None = None) -> list[str]:
+    """Recompute every file's size and sha256 against the manifest; return the problems found."""
+    root = Path(tag_dir)
+    manifest = manifest or read_manifest(root)
+    problems = []
+    for name, meta in sorted(manifest["files"].items()):
+        path = root / name
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size != meta["bytes"]:
+            problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {meta['bytes']}")
+        elif file_sha256(path) != meta["sha256"]:
+            problems.append(f"{path}: sha256 differs from the manifest")
+    return problems
+
+
+@contextmanager
+def publish_directory(destination: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Build a directory in a staging sibling and move it onto ``destination`` only on success.
+
+    Refuses an existing non-empty destination unless ``overwrite``; on any error the staging
+    directory is removed and the destination is left exactly as it was.
+    """
+    destination = Path(destination).absolute()
+    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())) and not overwrite:
+        raise FileExistsError(f"{destination}: exists and is not empty (pass --overwrite to replace it)")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
+    try:
+        yield staging
+        if destination.exists():
+            old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
+            os.replace(destination, old)
+            os.replace(staging, destination)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        else:
+            os.replace(staging, destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
