@@ -7,6 +7,7 @@ under the final name. Loads always use ``weights_only=True``.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from contextlib import contextmanager
@@ -49,3 +50,17 @@ def load_tensors(path: str | Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated or foreign files raise many different types
         raise ValueError(f"{path}: cannot be read as a torch tensor file ({type(err).__name__}: {err})") from None
+
+
+def read_json(path: str | Path, what: str = "JSON file") -> dict:
+    """Parse a JSON object; errors name the file and say what it should have been."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file (expected {what})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object ({what})")
+    return data

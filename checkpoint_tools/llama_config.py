@@ -6,10 +6,11 @@ and the hub, and ``rope_parameters`` written by transformers 5.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from checkpoint_tools.atomic_io import read_json
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
@@ -78,13 +79,7 @@ class LlamaConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no such config file (expected a Hugging Face config.json)") from None
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(read_json(path, "a Hugging Face config.json"), source=str(path))
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The config as Hugging Face ``config.json`` fields (classic rope fields)."""

@@ -13,18 +13,20 @@ lets a loader refuse a checkpoint that does not match what it was asked for.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-from checkpoint_tools.atomic_io import atomic_write
+from checkpoint_tools.atomic_io import atomic_write, read_json
 from checkpoint_tools.llama_config import LlamaConfig
 
 MANIFEST = "nxd_lora_manifest.json"
@@ -40,27 +42,69 @@ def rank_path(tag_dir: Path, tp_rank: int) -> Path:
     return Path(tag_dir) / "model" / rank_file_name(tp_rank)
 
 
-class _HashingWriter:
-    """File-like wrapper that hashes what ``torch.save`` writes through it."""
-
-    def __init__(self, handle):
-        self.handle, self.sha256, self.size = handle, hashlib.sha256(), 0
-
-    def write(self, data) -> int:
-        self.sha256.update(data)
-        self.size += len(data)
-        return self.handle.write(data)
-
-    def flush(self) -> None:
-        self.handle.flush()
+def _fsync_and_describe(path: Path) -> dict[str, Any]:
+    """Flush ``path`` to disk and return its size and sha256 (reads it back from the page cache)."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def save_rank_file(state: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
     """Atomically ``torch.save`` one rank's flat dict; return its size and sha256."""
-    with atomic_write(path) as handle:
-        writer = _HashingWriter(handle)
-        torch.save(state, writer)
-    return {"bytes": writer.size, "sha256": writer.sha256.hexdigest()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch_save(state, tmp)
+        info = _fsync_and_describe(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return info
+
+
+class BackgroundRankWriter:
+    """Saves rank files into a staging directory on a second thread (save, fsync, sha256).
+
+    For directories published as a whole (``publish_directory``), so files need no rename of
+    their own. Writing one pass of ranks overlaps with reading the next; at most
+    ``max_pending`` states wait in memory. ``finish`` returns ``{relative name: {bytes, sha256}}``.
+    """
+
+    def __init__(self, base: Path, max_pending: int = 1):
+        self.base, self.max_pending = Path(base), max(1, max_pending)
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending: dict[str, Future] = {}
+
+    def write(self, state: dict[str, torch.Tensor], path: Path) -> None:
+        unfinished = [f for f in self.pending.values() if not f.done()]
+        while len(unfinished) >= self.max_pending:
+            unfinished.pop(0).result()  # also raises a failed write here, early
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.pending[str(path.relative_to(self.base))] = self.pool.submit(_save_and_describe, state, path)
+
+    def finish(self) -> dict[str, dict[str, Any]]:
+        try:
+            return {name: future.result() for name, future in self.pending.items()}
+        finally:
+            self.pool.shutdown(cancel_futures=True)
+
+
+def _save_and_describe(state: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
+    torch_save(state, path)
+    return _fsync_and_describe(path)
+
+
+def torch_save(state: dict[str, torch.Tensor], path: Path) -> None:
+    """``torch.save``, then free the reference cycle it leaves around the saved storages.
+
+    torch.save's pickler leaves a cycle that keeps every saved tensor alive until the next
+    full garbage collection, which in a loop of big saves comes far too late: converting
+    Llama 3 8B to TP=32 grew to 9 GiB RSS without this collection, and stays near 3 GiB with it.
+    """
+    torch.save(state, path)
+    gc.collect()
 
 
 def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
@@ -103,12 +147,7 @@ def resolve_tag_dir(path: str | Path) -> Path:
 
 def read_manifest(tag_dir: Path) -> dict[str, Any]:
     path = Path(tag_dir) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no manifest (not a checkpoint written by nxd-lora convert?)") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    manifest = read_json(path, "the manifest of a checkpoint written by nxd-lora")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
     return manifest

@@ -15,7 +15,6 @@ handles (the converter calls it between layers to bound memory).
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from checkpoint_tools.atomic_io import read_json
 from checkpoint_tools.llama_config import LlamaConfig
 
 # Buffers some HF checkpoints carry that are recomputed at load time.
@@ -35,11 +35,9 @@ class CheckpointError(ValueError):
 
 def _load_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+        return read_json(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise CheckpointError(str(err)) from None
 
 
 def _torch_load_mmap(path: Path) -> dict[str, torch.Tensor]:
@@ -73,8 +71,20 @@ class Source:
         return self.dtypes.get("model.embed_tokens.weight", torch.float32)
 
 
+def owned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself if it owns exactly its storage and is contiguous, else a compact copy.
+
+    Slices from safetensors and mmap-loaded files are views over the whole mapped tensor;
+    keeping them would keep the mapping alive, and ``torch.save`` would write all of it.
+    """
+    if tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
 def _narrow(tensor: torch.Tensor, dim: int | None, start: int, length: int | None) -> torch.Tensor:
-    return tensor if dim is None else tensor.narrow(dim, start, length)
+    """An owned copy of the slice (detached from the mapped file)."""
+    return owned(tensor if dim is None else tensor.narrow(dim, start, length))
 
 
 def _check_index(path: Path, index_keys: set[str] | None, found: set[str]) -> None:
@@ -107,10 +117,10 @@ class SafetensorsSource(Source):
         with safe_open(str(self.files[key]), framework="pt") as handle:
             piece = handle.get_slice(key)
             if dim is None:
-                return piece[:]
+                return owned(piece[:])
             index = [slice(None)] * len(self.shapes[key])
             index[dim] = slice(start, start + length)
-            return piece[tuple(index)]
+            return owned(piece[tuple(index)])
 
 
 _SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
@@ -287,7 +297,7 @@ class MetaSource(Source):
         if cat_dim is None:
             tensor = _narrow(pieces[0], dim, start, length)
         elif dim is None or dim != cat_dim:
-            tensor = torch.cat([_narrow(p, dim, start, length) for p in pieces], dim=cat_dim)
+            tensor = torch.cat([p if dim is None else p.narrow(dim, start, length) for p in pieces], dim=cat_dim)
         else:
             parts, offset = [], 0
             for piece in pieces:
@@ -296,7 +306,7 @@ class MetaSource(Source):
                 if lo < hi:
                     parts.append(piece.narrow(dim, lo - offset, hi - lo))
                 offset += size
-            tensor = torch.cat(parts, dim=dim)
+            tensor = torch.cat(parts, dim=dim)  # a new tensor, even for one part
         if key.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
             hd = self.config.head_dim
             if dim not in (None, 0) or start % hd or tensor.shape[0] % hd:

@@ -47,14 +47,15 @@ def _kv_rows(weight: torch.Tensor, tp_size: int, kvm: int) -> list[torch.Tensor]
 
 
 # A reader returns a slice of one full HF-layout tensor: (key, dim, start, length) -> tensor,
-# where dim None means the whole tensor. Sources read only the bytes a slice needs.
+# where dim None means the whole tensor. Sources read only the bytes a slice needs and return
+# an owned contiguous tensor (never a view: torch.save would write the whole storage).
 Reader = Callable[[str, "int | None", int, "int | None"], torch.Tensor]
 
 
 def dict_reader(state: dict[str, torch.Tensor]) -> Reader:
     def read(key: str, dim: int | None = None, start: int = 0, length: int | None = None) -> torch.Tensor:
         tensor = state[key]
-        return tensor if dim is None else tensor.narrow(dim, start, length)
+        return (tensor if dim is None else tensor.narrow(dim, start, length)).clone(memory_format=torch.contiguous_format)
 
     return read
 
@@ -90,8 +91,7 @@ def shard_ranks(read: Reader, config: LlamaConfig, tp_size: int, ranks: list[int
     outs: dict[int, dict[str, torch.Tensor]] = {r: {} for r in ranks}
 
     def put(rank: int, key: str, tensor: torch.Tensor) -> None:
-        # One copy: detaches the slice from mapped file pages and makes it contiguous.
-        outs[rank][key] = tensor.to(dtype=dtype or tensor.dtype, copy=True, memory_format=torch.contiguous_format)
+        outs[rank][key] = tensor if dtype in (None, tensor.dtype) else tensor.to(dtype)
 
     for r in ranks:
         put(r, "model.embed_tokens.weight", read("model.embed_tokens.weight", 0, r * vocab, vocab))
@@ -159,22 +159,22 @@ def expected_hf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def unshard_q_rows(parts: list[torch.Tensor], n_kv: int) -> torch.Tensor:
-    """Inverse of the query-group permutation on dim 0 (rank shards -> HF rows)."""
+def _undo_query_group_order(parts: list[torch.Tensor], n_kv: int, dim: int) -> torch.Tensor:
     order = query_group_order(len(parts), n_kv)
     groups: list[torch.Tensor | None] = [None] * len(parts)
     for rank, g in enumerate(order):
         groups[g] = parts[rank]
-    return torch.cat(groups, dim=0)  # type: ignore[arg-type]
+    return torch.cat(groups, dim=dim)  # type: ignore[arg-type]
+
+
+def unshard_q_rows(parts: list[torch.Tensor], n_kv: int) -> torch.Tensor:
+    """Inverse of the query-group permutation on dim 0 (rank shards -> HF rows)."""
+    return _undo_query_group_order(parts, n_kv, 0)
 
 
 def unshard_o_cols(parts: list[torch.Tensor], n_kv: int) -> torch.Tensor:
     """Inverse of the query-group permutation on dim 1 (rank shards -> HF columns)."""
-    order = query_group_order(len(parts), n_kv)
-    groups: list[torch.Tensor | None] = [None] * len(parts)
-    for rank, g in enumerate(order):
-        groups[g] = parts[rank]
-    return torch.cat(groups, dim=1)  # type: ignore[arg-type]
+    return _undo_query_group_order(parts, n_kv, 1)
 
 
 def unshard_kv_rows(parts: list[torch.Tensor], n_kv: int, name: str = "kv", atol: float = 0.0) -> torch.Tensor:

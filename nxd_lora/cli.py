@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], help="output dtype (default: the source's)")
     convert.add_argument("--config", help="HF config.json to use instead of the one found beside the weights")
     convert.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
-    convert.add_argument("--memory-budget-gb", type=float, default=2.0, help="rank shards held at once (default 2)")
+    convert.add_argument("--memory-budget-gb", type=float, default=1.5,
+                         help="rank shards being built plus being written at once (default 1.5)")
     convert.add_argument("--max-shard-gb", type=float, default=2.0, help="HF output shard size (default 2)")
     convert.set_defaults(func=_convert)
 

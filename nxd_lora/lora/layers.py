@@ -50,9 +50,12 @@ class LoraLayer(nn.Module):
     def lora_forward(self, x: torch.Tensor):
         return self.lora_B(self.lora_A(self.lora_dropout(x.to(torch.float32))))
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + (self.lora_forward(x) * self.scaling).to(x.dtype)
+
     def logical_lora_numel(self) -> int:
         """Adapter parameters of the unsharded model (replicas counted once)."""
-        raise NotImplementedError
+        return self.rank * (self.base_layer.input_size + self.base_layer.output_size)
 
     def delta_weights(self) -> dict[str, torch.Tensor]:
         """``scaling * B @ A`` for each base weight, in this rank's shard layout (no communication).
@@ -77,12 +80,6 @@ class LoraColumnParallelLinear(LoraLayer):
             stride=base_layer.stride, dtype=torch.float32, init_method=nn.init.zeros_,
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x) + (self.lora_forward(x) * self.scaling).to(x.dtype)
-
-    def logical_lora_numel(self) -> int:
-        return self.rank * (self.base_layer.input_size + self.base_layer.output_size)
-
 
 class LoraRowParallelLinear(LoraLayer):
     def __init__(self, base_layer: nn.Module, config: LoraConfig, layers: SimpleNamespace, seed: int):
@@ -97,12 +94,6 @@ class LoraRowParallelLinear(LoraLayer):
         self.lora_A.weight.data.copy_(full[:, state.get_tensor_model_parallel_rank() * local :][:, :local])
         self.lora_B = nn.Linear(r, base_layer.output_size, bias=False, dtype=torch.float32)
         nn.init.zeros_(self.lora_B.weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x) + (self.lora_forward(x) * self.scaling).to(x.dtype)
-
-    def logical_lora_numel(self) -> int:
-        return self.rank * (self.base_layer.input_size + self.base_layer.output_size)
 
 
 class LoraGQAQKVParallelLinear(LoraLayer):
