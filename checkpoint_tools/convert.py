@@ -8,7 +8,6 @@ memory-mapped rank files, written in size-bounded safetensors shards with an ind
 
 from __future__ import annotations
 
-import ctypes
 import json
 import re
 import time
@@ -60,22 +59,6 @@ def _layer_releasing_reader(source: Source):
     return read
 
 
-def reuse_freed_memory() -> None:
-    """Ask glibc to keep freed memory for reuse instead of returning it to the OS.
-
-    Each pass allocates and frees the same shapes; returned memory must be page-faulted in
-    again, which costs more than the copies themselves on a VM (3x on the benchmark host).
-    Peak RSS is unchanged: it is bounded by the rank shards in flight either way. A no-op
-    where glibc is not the allocator.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: heap (reusable) below 1 GiB
-        libc.mallopt(-1, 1 << 40)  # M_TRIM_THRESHOLD: never trim the heap top
-    except (OSError, AttributeError):
-        pass
-
-
 def write_rank_file(writer: BackgroundRankWriter, state: dict[str, torch.Tensor], path: Path) -> None:
     """One rank file through ``writer`` (a seam the failure tests patch)."""
     writer.write(state, path)
@@ -109,7 +92,6 @@ def convert_to_nxd(
     log(f"convert: {source.format} checkpoint {source.path} -> {dst} (tp={tp}, kv_size_multiplier={kvm}, "
         f"fuse_qkv={fuse_qkv}, dtype={_dtype_name(out_dtype)}, {per_pass} rank(s) per pass)")
     start = time.perf_counter()
-    reuse_freed_memory()
     read = _layer_releasing_reader(source)
     with publish_directory(dst, overwrite) as staging:
         mark_started(staging / BASE_TAG)
