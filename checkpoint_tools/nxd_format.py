@@ -65,35 +65,41 @@ def save_rank_file(state: dict[str, torch.Tensor], path: Path) -> dict[str, Any]
 
 
 class BackgroundRankWriter:
-    """Saves rank files into a staging directory on a second thread (save, fsync, sha256).
+    """Saves rank files into a staging directory off the main thread.
 
     For directories published as a whole (``publish_directory``), so files need no rename of
-    their own. Writing one pass of ranks overlaps with reading the next; at most
-    ``max_pending`` states wait in memory. ``finish`` returns ``{relative name: {bytes, sha256}}``.
+    their own. One thread saves, another fsyncs and hashes what was saved, and the caller
+    builds the next rank meanwhile; at most ``max_pending`` states wait in memory.
+    ``finish`` returns ``{relative name: {bytes, sha256}}``.
     """
 
     def __init__(self, base: Path, max_pending: int = 1):
         self.base, self.max_pending = Path(base), max(1, max_pending)
-        self.pool = ThreadPoolExecutor(max_workers=1)
-        self.pending: dict[str, Future] = {}
+        self.saver = ThreadPoolExecutor(max_workers=1)
+        self.hasher = ThreadPoolExecutor(max_workers=1)
+        self.saved: list[Future] = []
+        self.described: dict[str, Future] = {}
 
     def write(self, state: dict[str, torch.Tensor], path: Path) -> None:
-        unfinished = [f for f in self.pending.values() if not f.done()]
+        unfinished = [f for f in self.saved if not f.done()]
         while len(unfinished) >= self.max_pending:
-            unfinished.pop(0).result()  # also raises a failed write here, early
+            unfinished.pop(0).result()  # also raises a failed save here, early
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.pending[str(path.relative_to(self.base))] = self.pool.submit(_save_and_describe, state, path)
+        name = str(path.relative_to(self.base))
+        self.saved.append(self.saver.submit(self._save, state, path, name))
+
+    def _save(self, state: dict[str, torch.Tensor], path: Path, name: str) -> None:
+        torch_save(state, path)
+        self.described[name] = self.hasher.submit(_fsync_and_describe, path)
 
     def finish(self) -> dict[str, dict[str, Any]]:
         try:
-            return {name: future.result() for name, future in self.pending.items()}
+            for future in self.saved:
+                future.result()
+            return {name: future.result() for name, future in self.described.items()}
         finally:
-            self.pool.shutdown(cancel_futures=True)
-
-
-def _save_and_describe(state: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
-    torch_save(state, path)
-    return _fsync_and_describe(path)
+            self.saver.shutdown(cancel_futures=True)
+            self.hasher.shutdown(cancel_futures=True)
 
 
 def torch_save(state: dict[str, torch.Tensor], path: Path) -> None:
