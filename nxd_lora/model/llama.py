@@ -122,6 +122,14 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
 
+def document_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """[batch, 1, seq, seq] boolean mask: causal, and only within the same packed document."""
+    same = document_ids[:, :, None] == document_ids[:, None, :]
+    seq = document_ids.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
+    return (same & causal).unsqueeze(1)
+
+
 class LlamaForCausalLM(nn.Module):
     """Llama with a vocab-parallel ``lm_head`` and vocab-parallel cross entropy.
 
@@ -150,8 +158,10 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
                 gather_logits: bool = False, ignore_index: int = -100):
+        """``document_ids`` (packed rows): tokens attend only within their document."""
+        attention_mask = None if document_ids is None else document_attention_mask(document_ids)
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         hidden = self.model(input_ids, position_ids, attention_mask)

@@ -1,0 +1,1 @@
+"""Instruction data: records from files, schemas, prompt templates, masking, packing/padding."""

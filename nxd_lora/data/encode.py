@@ -1,0 +1,67 @@
+"""Turn chat messages into token ids and labels, masking the prompt (completion-only loss).
+
+Templates: ``llama3`` (Llama 3 chat format, used when the tokenizer has its header tokens)
+and ``alpaca`` (instruction / response text, for Llama 2 and other tokenizers). The prompt
+is everything before the final assistant answer; its labels are -100 unless
+``train_on_prompt``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nxd_lora.data.records import Record
+from nxd_lora.tokenizer import Tokenizer
+
+IGNORE_INDEX = -100
+TEMPLATES = ("auto", "llama3", "alpaca")
+ALPACA_HEADER = "Below is an instruction that describes a task. Write a response that completes the request.\n\n"
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    prompt_length: int
+    source: str
+
+
+def _llama3_prompt_and_answer(messages: list[dict[str, str]], tok: Tokenizer) -> tuple[list[int], list[int]]:
+    start, end, eot = (tok.specials[t] for t in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
+
+    def header(role: str) -> list[int]:
+        return [start, *tok.encode(role), end, *tok.encode("\n\n")]
+
+    prompt = [tok.bos_id] if tok.bos_id is not None else []
+    for m in messages[:-1]:
+        prompt += header(m["role"]) + tok.encode(m["content"]) + [eot]
+    prompt += header("assistant")
+    return prompt, tok.encode(messages[-1]["content"]) + [eot]
+
+
+def _alpaca_prompt_and_answer(messages: list[dict[str, str]], tok: Tokenizer) -> tuple[list[int], list[int]]:
+    system = "".join(m["content"] + "\n\n" for m in messages[:-1] if m["role"] == "system")
+    turns = [m for m in messages[:-1] if m["role"] != "system"]
+    body = "".join(
+        f"### Instruction:\n{m['content']}\n\n" if m["role"] == "user" else f"### Response:\n{m['content']}\n\n"
+        for m in turns
+    )
+    prompt = tok.encode(ALPACA_HEADER + system + body + "### Response:\n", bos=True)
+    return prompt, tok.encode(messages[-1]["content"], eos=True)
+
+
+def resolve_template(template: str, tok: Tokenizer) -> str:
+    if template not in TEMPLATES:
+        raise ValueError(f"template {template!r} unknown; choose one of {list(TEMPLATES)}")
+    if template == "auto":
+        return "llama3" if tok.is_llama3_chat else "alpaca"
+    if template == "llama3" and not tok.is_llama3_chat:
+        raise ValueError("template 'llama3' needs a tokenizer with <|start_header_id|> and <|eot_id|>")
+    return template
+
+
+def encode_record(record: Record, tok: Tokenizer, template: str = "auto", train_on_prompt: bool = False) -> Encoded:
+    build = _llama3_prompt_and_answer if resolve_template(template, tok) == "llama3" else _alpaca_prompt_and_answer
+    prompt, answer = build(record.messages, tok)
+    labels = (prompt if train_on_prompt else [IGNORE_INDEX] * len(prompt)) + answer
+    return Encoded(prompt + answer, labels, len(prompt), record.source)
