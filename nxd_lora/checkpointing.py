@@ -69,8 +69,14 @@ def nxd_adapter_config(lora: LoraConfig, mode: str) -> dict:
 
 
 def save_lora_checkpoint(model: nn.Module, backend: Backend, root: str | Path, tag: str, mode: str,
-                         lora: LoraConfig, extra: dict | None = None) -> Path:
-    """Collective: every rank calls it. Returns ``<root>/<tag>``."""
+                         lora: LoraConfig, extra: dict | None = None, optimizer: dict | None = None,
+                         scheduler: dict | None = None, user_content: dict | None = None) -> Path:
+    """Collective: every rank calls it. Returns ``<root>/<tag>``.
+
+    For resumable training checkpoints also pass this rank's ``optimizer`` state (written to
+    ``optim/<rank file>``), the ``scheduler`` state and ``user_content`` (step, data position,
+    RNG), as NxD lays them out (``scheduler.pt``, ``user_content.pt``).
+    """
     root = Path(root)
     staging = root / f".{tag}.partial"
     final = root / tag
@@ -84,6 +90,8 @@ def save_lora_checkpoint(model: nn.Module, backend: Backend, root: str | Path, t
         info = save_rank_file(state, path)
         with atomic_write(path.with_suffix(".pt.json"), "w") as handle:
             json.dump(info, handle)
+        if optimizer is not None:
+            save_rank_file(optimizer, staging / "optim" / path.name)
     backend.barrier()
     if backend.rank == 0:
         files = {}
@@ -101,6 +109,9 @@ def save_lora_checkpoint(model: nn.Module, backend: Backend, root: str | Path, t
             "files": files, **(extra or {}),
         }
         write_manifest(staging, manifest)
+        for name, content in (("scheduler.pt", scheduler), ("user_content.pt", user_content)):
+            if content is not None:
+                save_rank_file(content, staging / name)
         with atomic_write(staging / "adapter_config.json", "w") as handle:
             json.dump(nxd_adapter_config(lora, mode), handle, indent=2, sort_keys=True)
         mark_done(staging)

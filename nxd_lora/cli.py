@@ -9,7 +9,7 @@ import sys
 def _demo(args: argparse.Namespace) -> int:
     from nxd_lora.demo import run_demo
 
-    run_demo(tp=args.tp, steps=args.steps, lr=args.lr, backend=args.backend, output=args.output, seed=args.seed)
+    run_demo(output=args.output, tp=args.tp, extra_overrides=args.overrides)
     return 0
 
 
@@ -55,16 +55,22 @@ def _inspect(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from nxd_lora.train.config import load_recipe
+    from nxd_lora.train.run import train
+
+    train(load_recipe(args.config, args.overrides))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nxd-lora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="LoRA-tune a tiny random Llama over TP ranks on this machine (no downloads)")
+    demo = sub.add_parser("demo", help="build a tiny Llama + tokenizer, convert to TP=2, LoRA-train on the bundled "
+                                       "data, save, export, compare answers (no downloads)")
     demo.add_argument("--tp", type=int, default=2, help="tensor-parallel size (default 2)")
-    demo.add_argument("--steps", type=int, default=60)
-    demo.add_argument("--lr", type=float, default=3e-2)
-    demo.add_argument("--backend", default="cpu", choices=["cpu", "cuda"])
-    demo.add_argument("--output", default="demo_output", help="directory for the rank files (default ./demo_output)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--output", default="demo_output", help="working directory (default ./demo_output)")
+    demo.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train.max_steps=20")
     demo.set_defaults(func=_demo)
 
     convert = sub.add_parser(
@@ -94,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--tokenizer-dir", help="copy tokenizer files from here (default: the base's source dir)")
     export.add_argument("--overwrite", action="store_true")
     export.set_defaults(func=_export)
+
+    train = sub.add_parser("train", help="LoRA fine-tuning (run one process per rank: torchrun, launch/run_trn1.sh)")
+    train.add_argument("--config", help="YAML recipe (configs/*.yaml)")
+    train.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=50")
+    train.set_defaults(func=_train)
 
     inspect = sub.add_parser("inspect", help="describe a checkpoint (any supported format); --verify checks sha256")
     inspect.add_argument("path")

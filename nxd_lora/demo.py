@@ -1,34 +1,42 @@
-"""The embedded demo: a tiny random Llama, sharded to TP ranks, LoRA-tuned to memorise a batch.
+"""The embedded demo (the README's main job): everything built locally, nothing downloaded.
 
-Needs no downloads. It exercises the real pieces end to end: NxD rank files written
-atomically, per-rank loading, LoRA on ``qkv_proj``, vocab-parallel loss, and AdamW on the
-adapter only. (The Lightning trainer, tokenizers and bundled dataset replace the synthetic
-batch when they land.)
+1. a tiny random Llama 3-style model and a Llama-3-format (tiktoken) tokenizer, in HF layout;
+2. ``nxd-lora convert`` to a TP=2 NxD checkpoint;
+3. ``nxd-lora train`` with Lightning on 2 gloo ranks: LoRA on the bundled instruction set;
+4. the three save modes, a PEFT export and a merged export;
+5. the adapter loaded with ``peft`` on ``transformers``: base vs tuned answers.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
-from checkpoint_tools.atomic_io import save_tensors
-from checkpoint_tools.llama_config import LlamaConfig, check_tensor_parallel
-from checkpoint_tools.tp_layout import expected_hf_shapes, shard_hf_state_dict
-from nxd_lora.backends import get_backend
+from checkpoint_tools.convert import convert_to_nxd
+from checkpoint_tools.llama_config import LlamaConfig
+from checkpoint_tools.tp_layout import expected_hf_shapes
+from nxd_lora.data.records import read_records, sample_data_path
 from nxd_lora.local_launch import spawn_ranks
-from nxd_lora.lora.config import LoraConfig
-from nxd_lora.lora.model import describe_trainable, lora_parameters, lora_state_dict
-from nxd_lora.model.builder import build_model
+from nxd_lora.tiny import write_tiktoken_bytes
+from nxd_lora.train.config import load_recipe
 
 DEMO_CONFIG = dict(
-    vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=128,
+    vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=1024,
     rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                  "original_max_position_embeddings": 32},
+                  "original_max_position_embeddings": 256},
+    bos_token_id=256, eos_token_id=257, tie_word_embeddings=False,
 )
+DEMO_OVERRIDES = [
+    "lora.lora_rank=32", "lora.lora_alpha=64", "lora.target_modules=[qkv_proj,o_proj,gate_up_proj,down_proj]",
+    "data.seq_len=512", "data.val_fraction=0.1", "train.max_steps=200", "train.lr=0.01", "train.warmup_steps=10",
+    "train.micro_batch_size=2", "train.grad_accum=1", "train.save_every=100", "train.log_every=1",
+    "train.save_modes=[adapter,base+adapter,merged]",
+]
 
 
 def random_hf_state(config: LlamaConfig, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -40,60 +48,84 @@ def random_hf_state(config: LlamaConfig, seed: int = 0) -> dict[str, torch.Tenso
     }
 
 
-def rank_file(root: Path, tp_rank: int) -> Path:
-    """NxD's per-rank file name under ``<root>/model/``."""
-    return Path(root) / "model" / f"dp_rank_00_tp_rank_{tp_rank:02d}_pp_rank_00.pt"
-
-
-def train_rank(config_dict: dict, tp: int, backend_name: str, root: str, steps: int, lr: float, seed: int) -> dict:
-    """One rank of the demo; returns the loss curve (identical on every rank)."""
-    config = LlamaConfig.from_dict(config_dict)
-    backend = get_backend(backend_name)
-    backend.setup(tp, check_tensor_parallel(config, tp))
-    try:
-        # Each rank writes its own shard of the (seeded, identical everywhere) random model,
-        # then reads it back through the same path a converted checkpoint takes.
-        shard = shard_hf_state_dict(random_hf_state(config, seed), config, tp)[backend.tp_rank]
-        save_tensors(shard, rank_file(Path(root), backend.tp_rank))
-        lora = LoraConfig(lora_rank=8, lora_alpha=16, target_modules=["qkv_proj"])
-        base = backend.load_rank_tensors(rank_file(Path(root), backend.tp_rank))
-        model = build_model(config, backend, base, lora, seed=seed)
-        if backend.rank == 0:
-            print(f"[demo] backend={backend.name} world={backend.world_size} tp={tp} "
-                  f"kv_size_multiplier={model.kv_size_multiplier}; {describe_trainable(model)}", flush=True)
-        gen = torch.Generator().manual_seed(seed + backend.rank // tp)  # same batch on the ranks of a TP group
-        batch = torch.randint(0, config.vocab_size, (4, 32), generator=gen).to(backend.device)
-        optimizer = torch.optim.AdamW(lora_parameters(model), lr=lr, weight_decay=0.0)
-        losses = []
-        for step in range(steps):
-            _, loss = model(batch, labels=batch)
-            loss.backward()
-            backend.optimizer_step(optimizer)
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            if backend.rank == 0 and (step % 10 == 0 or step == steps - 1):
-                print(f"[demo] step {step:3d}  loss {losses[-1]:.4f}", flush=True)
-        backend.save_rank_tensors(lora_state_dict(model), Path(root) / "adapter" / rank_file(Path(""), backend.tp_rank))
-        backend.barrier()
-        return {"losses": losses}
-    finally:
-        backend.teardown()
-
-
-def run_demo(tp: int = 2, steps: int = 60, lr: float = 3e-2, backend: str = "cpu", output: str = "demo_output",
-             seed: int = 0) -> list[float]:
-    """Write a TP checkpoint of a random tiny Llama, LoRA-train it on ``tp`` ranks, return the losses.
-
-    Under torchrun (WORLD_SIZE set) this process is one rank; otherwise ranks are spawned.
-    """
+def write_tiny_hf_model(directory: Path, seed: int = 0) -> Path:
+    """config.json + model.safetensors + original/tokenizer.model (Llama 3 format)."""
     config = LlamaConfig.from_dict(DEMO_CONFIG)
-    check_tensor_parallel(config, tp)
-    args = (DEMO_CONFIG, tp, backend, str(Path(output).resolve()), steps, lr, seed)
-    start = time.perf_counter()
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(random_hf_state(config, seed), str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(dict(config.to_hf_dict(), torch_dtype="float32"), indent=2))
+    write_tiktoken_bytes(directory / "original" / "tokenizer.model")
+    return directory
+
+
+def _train_rank(config_path: str | None, overrides: list[str]) -> dict:
+    from nxd_lora.train.run import train
+
+    return train(load_recipe(config_path, overrides))
+
+
+def answers(model_dir: Path, adapter_dir: Path, questions: list[str], max_new_tokens: int = 24) -> list[tuple[str, str]]:
+    """(base, tuned) greedy answers, the tuned model being peft.PeftModel over transformers."""
+    import peft
+    import transformers
+
+    from nxd_lora.data.encode import encode_record
+    from nxd_lora.data.records import Record
+    from nxd_lora.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    base = transformers.LlamaForCausalLM.from_pretrained(model_dir).eval()
+    tuned = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(model_dir), adapter_dir).eval()
+    eot = tok.specials["<|eot_id|>"]
+    out = []
+    for question in questions:
+        record = Record([{"role": "user", "content": question}, {"role": "assistant", "content": "x"}], "demo")
+        prompt = encode_record(record, tok).input_ids
+        prompt = prompt[: len(prompt) - len(tok.encode("x")) - 1]
+        pair = []
+        for model in (base, tuned):
+            ids = torch.tensor([prompt])
+            with torch.no_grad():
+                for _ in range(max_new_tokens):
+                    nxt = model(input_ids=ids).logits[0, -1].argmax()
+                    if int(nxt) == eot:
+                        break
+                    ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+            pair.append(tok.decode(ids[0, len(prompt):].tolist()))
+        out.append((pair[0], pair[1]))
+    return out
+
+
+def run_demo(output: str = "demo_output", tp: int = 2, extra_overrides: list[str] = (), quiet_bar: bool = False) -> dict:
+    """Build, convert, train on ``tp`` spawned ranks (or this rank under torchrun), export, compare."""
+    from checkpoint_tools.export import export_merged, export_peft
+
+    root = Path(output).resolve()
     launched = "WORLD_SIZE" in os.environ
-    losses = train_rank(*args)["losses"] if launched else spawn_ranks(train_rank, tp, *args)[0]["losses"]
-    if int(os.environ.get("RANK", "0")) == 0:
-        drop = 100 * (1 - losses[-1] / losses[0])
-        print(f"[demo] loss {losses[0]:.4f} -> {losses[-1]:.4f} ({drop:.0f}% lower) in "
-              f"{time.perf_counter() - start:.1f}s; base and adapter rank files under {output}/", flush=True)
-    return losses
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    hf_dir, ckpt = root / "tiny-llama-hf", root / f"tiny-llama-tp{tp}"
+    if rank0 and not (ckpt / "pretrained_weight" / "done").exists():
+        write_tiny_hf_model(hf_dir)
+        convert_to_nxd(hf_dir, ckpt, tp, overwrite=True)
+    overrides = [f"model.checkpoint={ckpt}", f"model.tokenizer={hf_dir}", f"train.tp={tp}",
+                 f"train.output_dir={root / 'run'}", *DEMO_OVERRIDES, *extra_overrides]
+    if quiet_bar:
+        os.environ["NXD_LORA_NO_BAR"] = "1"
+    if launched:
+        result = _train_rank(None, overrides)
+    else:
+        result = spawn_ranks(_train_rank, tp, None, overrides)[0]
+    if not rank0:
+        return result
+    losses = result["losses"]
+    print(f"[demo] train loss {losses[0]:.3f} -> {min(losses[-5:]):.3f} over {result['steps']} steps; "
+          f"validation {result['val']}")
+    export_peft(root / "run" / "final" / "adapter", root / "peft-adapter", base_model=str(hf_dir), overwrite=True)
+    export_merged(root / "run" / "final" / "merged", root / "merged-hf", overwrite=True, tokenizer_dir=hf_dir)
+    records = read_records(sample_data_path()).records
+    questions = [r.messages[0]["content"] for r in records[7:10]]
+    expected = [r.messages[-1]["content"] for r in records[7:10]]
+    result["answers"] = answers(hf_dir, root / "peft-adapter", questions)
+    for question, want, (before, after) in zip(questions, expected, result["answers"]):
+        print(f"[demo] Q: {question}\n       reference: {want}\n       base:      {before!r}\n       tuned:     {after!r}")
+    return result

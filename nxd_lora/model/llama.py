@@ -159,8 +159,9 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
-                gather_logits: bool = False, ignore_index: int = -100):
-        """``document_ids`` (packed rows): tokens attend only within their document."""
+                gather_logits: bool = False, ignore_index: int = -100, reduction: str = "mean"):
+        """``document_ids`` (packed rows): tokens attend only within their document.
+        ``reduction="sum"`` returns the summed token loss (for token-weighted accumulation)."""
         attention_mask = None if document_ids is None else document_attention_mask(document_ids)
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
@@ -170,8 +171,9 @@ class LlamaForCausalLM(nn.Module):
         if labels is not None:
             shift_labels = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
             token_loss = self._cross_entropy(logits, shift_labels, ignore_index=ignore_index)
-            count = (shift_labels != ignore_index).sum().clamp(min=1)
-            loss = token_loss.sum() / count
+            loss = token_loss.sum()
+            if reduction == "mean":
+                loss = loss / (shift_labels != ignore_index).sum().clamp(min=1)
         if gather_logits:
             logits = self._gather(logits)
         return logits, loss

@@ -1,0 +1,1 @@
+"""LoRA fine-tuning with Lightning over the backends' tensor-parallel model."""

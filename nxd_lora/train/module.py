@@ -1,0 +1,133 @@
+"""The LightningModule: one optimizer step per batch of ``grad_accum`` micro-batches.
+
+Manual optimization, because the things that make TP LoRA training right are ours to do:
+the loss of an accumulation window is weighted by its unmasked tokens (summed over DP
+ranks), LoRA gradients are summed over data-parallel replicas, and the gradient norm for
+clipping counts every element once even when TP ranks hold replicas.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from nxd_lora.lora.layers import LoraLayer
+from nxd_lora.lora.model import lora_parameters
+from nxd_lora.parallel import state
+from nxd_lora.train.config import TrainConfig
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN/inf loss; the last good checkpoint is kept."""
+
+
+def lr_lambda(train: TrainConfig):
+    def factor(step: int) -> float:
+        if train.warmup_steps and step < train.warmup_steps:
+            return (step + 1) / train.warmup_steps
+        if train.schedule == "constant":
+            return 1.0
+        span = max(1, train.max_steps - train.warmup_steps)
+        progress = min(1.0, (step - train.warmup_steps) / span)
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if train.schedule == "cosine" else 1 - progress
+        return train.min_lr_ratio + (1 - train.min_lr_ratio) * shape
+
+    return factor
+
+
+def _grad_norm(model: nn.Module) -> torch.Tensor:
+    """Global L2 norm of the LoRA gradients, each logical element counted once.
+
+    Replicated parameters (full ``nn.Linear`` A or B) are identical on every TP rank and are
+    counted once; sharded ones are summed over the TP group, K/V replicas divided by their count.
+    """
+    device = next(model.parameters()).device
+    replicated, sharded = torch.zeros((), device=device), torch.zeros((), device=device)
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for part in (module.lora_A, module.lora_B):
+            for name, param in part.named_parameters():
+                if param.grad is None:
+                    continue
+                sq = param.grad.float().pow(2).sum()
+                if isinstance(part, nn.Linear):
+                    replicated += sq
+                elif name in ("weight_k", "weight_v"):
+                    sharded += sq / part.kv_size_multiplier
+                elif name == "weight_qkv":
+                    q, k, v = param.grad.float().split([part.q_rows, part.kv_rows, part.kv_rows])
+                    sharded += q.pow(2).sum() + (k.pow(2).sum() + v.pow(2).sum()) / part.kv_size_multiplier
+                else:
+                    sharded += sq
+    group = state.get_tensor_model_parallel_group()
+    if group is not None:
+        dist.all_reduce(sharded, group=group)
+    return (replicated + sharded).sqrt()
+
+
+class LoraModule(L.LightningModule):
+    def __init__(self, model: nn.Module, train: TrainConfig, start_step: int = 0, on_step_end=None,
+                 resume_states: tuple[dict, dict] | None = None):
+        super().__init__()
+        self.model, self.train_cfg, self.step_count = model, train, start_step
+        self.automatic_optimization = False
+        self.on_step_end, self.resume_states = on_step_end, resume_states
+        self.history: list[float] = []
+
+    def on_train_start(self) -> None:
+        if self.resume_states is not None:
+            optimizer_state, scheduler_state = self.resume_states
+            self.optimizers().optimizer.load_state_dict(optimizer_state)
+            self.lr_schedulers().load_state_dict(scheduler_state)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(lora_parameters(self.model), lr=self.train_cfg.lr,
+                                      weight_decay=self.train_cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.train_cfg))
+        return [optimizer], [scheduler]
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        mb = self.train_cfg.micro_batch_size
+        tokens = (batch["labels"][:, 1:] != -100).sum().float()
+        dp_group = state.get_data_parallel_group()
+        if dp_group is not None:
+            dist.all_reduce(tokens, group=dp_group)
+        tokens = tokens.clamp(min=1)
+        loss_sum = torch.zeros((), device=tokens.device)
+        for start in range(0, batch["input_ids"].shape[0], mb):
+            part = {k: v[start:start + mb] for k, v in batch.items()}
+            _, loss = self.model(part["input_ids"], labels=part["labels"], position_ids=part["position_ids"],
+                                 document_ids=part["document_ids"], reduction="sum")
+            self.manual_backward(loss / tokens)
+            loss_sum += loss.detach()
+        if dp_group is not None:
+            dist.all_reduce(loss_sum, group=dp_group)
+            for param in lora_parameters(self.model):
+                dist.all_reduce(param.grad, group=dp_group)
+        grad_norm = _grad_norm(self.model)
+        if self.train_cfg.grad_clip > 0:
+            scale = (self.train_cfg.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)
+            for param in lora_parameters(self.model):
+                param.grad.mul_(scale)
+        mean_loss = loss_sum / tokens
+        self.step_count += 1
+        log_now = self.step_count % max(1, self.train_cfg.log_every) == 0
+        if log_now or self.train_cfg.save_every:
+            value = mean_loss.item()  # a host sync, only at logging/saving intervals
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f"loss is {value} at step {self.step_count}; stopping (last good checkpoint kept)")
+            self.history.append(value)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        if log_now:
+            self.log_dict({"train/loss": mean_loss, "train/grad_norm": grad_norm, "train/tokens": tokens,
+                           "lr": torch.tensor(scheduler.get_last_lr()[0])}, prog_bar=True, on_step=True)
+        if self.on_step_end is not None:
+            self.on_step_end(self)

@@ -1,0 +1,156 @@
+"""``nxd-lora train``: set up the backend, build the model and data, fit with Lightning, save, export."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.strategies import SingleDeviceStrategy
+
+from checkpoint_tools.atomic_io import load_tensors
+from checkpoint_tools.nxd_format import BASE_TAG, check_manifest, manifest_config, rank_path
+from nxd_lora.backends import get_backend
+from nxd_lora.checkpointing import SAVE_MODES, save_lora_checkpoint
+from nxd_lora.lora.model import describe_trainable, load_lora_state_dict
+from nxd_lora.model.builder import build_model
+from nxd_lora.parallel import state
+from nxd_lora.tokenizer import load_tokenizer
+from nxd_lora.train.config import Recipe
+from nxd_lora.train.data import StepBatches, build_rows
+from nxd_lora.train.module import LoraModule
+
+
+def _say(backend, message: str) -> None:
+    if backend.rank == 0:
+        print(f"[train] {message}", flush=True)
+
+
+def newest_training_tag(root: Path) -> Path | None:
+    """The newest complete checkpoint (``*/done``) that can be resumed from (has user_content.pt)."""
+    tags = sorted((p.parent for p in root.glob("*/done") if (p.parent / "user_content.pt").is_file()),
+                  key=lambda p: (p / "done").stat().st_mtime)
+    return tags[-1] if tags else None
+
+
+@torch.no_grad()
+def evaluate(model, rows: list[dict[str, torch.Tensor]], device) -> dict[str, float]:
+    """Token-weighted mean loss and perplexity over ``rows`` (one row at a time)."""
+    if not rows:
+        return {}
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for row in rows:
+        batch = {k: v[None].to(device) for k, v in row.items()}
+        _, loss = model(batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"],
+                        document_ids=batch["document_ids"], reduction="sum")
+        total += loss.item()
+        tokens += int((row["labels"][1:] != -100).sum())
+    model.train(was_training)
+    mean = total / max(tokens, 1)
+    return {"val/loss": mean, "val/perplexity": math.exp(min(mean, 50.0))}
+
+
+def train(recipe: Recipe) -> dict:
+    """Run one training job on this rank (under torchrun, every rank calls it). Returns a summary."""
+    cfg = recipe.train
+    check_save_modes(cfg.save_modes)
+    if not recipe.model.checkpoint:
+        raise ValueError("model.checkpoint is required (a directory written by 'nxd-lora convert')")
+    base_tag = Path(recipe.model.checkpoint) / BASE_TAG
+    manifest = check_manifest(base_tag, tp=cfg.tp)
+    config = manifest_config(manifest, base_tag)
+    out = Path(cfg.output_dir)
+    backend = get_backend(cfg.backend)
+    backend.setup(cfg.tp, manifest["kv_size_multiplier"])
+    try:
+        L.seed_everything(cfg.seed, workers=False, verbose=False)
+        tok = load_tokenizer(recipe.model.tokenizer or recipe.model.checkpoint)
+        if tok.vocab_size > config.vocab_size:
+            raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {config.vocab_size}")
+        rows = build_rows(recipe.data, tok, cfg.seed)
+        _say(backend, f"data: {json.dumps(rows.report)}")
+        dtype = getattr(torch, recipe.model.dtype)
+        base = load_tensors(rank_path(base_tag, backend.tp_rank))
+        model = build_model(config, backend, base, recipe.lora, fuse_qkv=manifest["fuse_qkv"], dtype=dtype,
+                            seed=cfg.seed)
+        del base
+        _say(backend, f"backend={backend.name} world={backend.world_size} tp={cfg.tp} "
+                      f"kv_size_multiplier={model.kv_size_multiplier}; {describe_trainable(model)}")
+
+        checkpoints = out / "checkpoints"
+        start_step, resume_tag = 0, None
+        if cfg.resume == "auto":
+            resume_tag = newest_training_tag(checkpoints)
+        elif cfg.resume not in ("none", ""):
+            resume_tag = Path(cfg.resume)
+        optimizer_state = scheduler_state = None
+        if resume_tag is not None:
+            resumed = check_manifest(resume_tag, tp=cfg.tp, kind="lora")
+            if resumed["lora"] != json.loads(json.dumps(recipe.to_dict()["lora"])):
+                raise ValueError(f"{resume_tag}: LoRA settings differ from this recipe's: {resumed['lora']}")
+            load_lora_state_dict(model, load_tensors(rank_path(resume_tag, backend.tp_rank)), str(resume_tag))
+            optimizer_state = load_tensors(resume_tag / "optim" / rank_path(resume_tag, backend.tp_rank).name)
+            scheduler_state = load_tensors(resume_tag / "scheduler.pt")
+            user = load_tensors(resume_tag / "user_content.pt")
+            start_step = int(user["step"])
+            torch.set_rng_state(user["torch_rng"])
+            _say(backend, f"resumed from {resume_tag} at step {start_step}")
+
+        def save(module: LoraModule, tag: str, mode: str, resumable: bool) -> Path:
+            optimizer = module.optimizers().optimizer if resumable else None
+            scheduler = module.lr_schedulers() if resumable else None
+            root = checkpoints if resumable else out / "final"
+            return save_lora_checkpoint(
+                module.model, backend, root, tag, mode, recipe.lora,
+                extra={"recipe": recipe.to_dict()},
+                optimizer=optimizer.state_dict() if optimizer else None,
+                scheduler=scheduler.state_dict() if scheduler else None,
+                user_content={"step": module.step_count, "torch_rng": torch.get_rng_state()} if resumable else None,
+            )
+
+        def on_step_end(module: LoraModule) -> None:
+            if cfg.save_every and module.step_count % cfg.save_every == 0:
+                save(module, f"step_{module.step_count}", "adapter", resumable=True)
+            if cfg.val_every and module.step_count % cfg.val_every == 0:
+                metrics = evaluate(module.model, rows.val, backend.device)
+                for logger in module.loggers:
+                    logger.log_metrics(metrics, step=module.step_count)
+
+        module = LoraModule(model, cfg, start_step, on_step_end,
+                            (optimizer_state, scheduler_state) if optimizer_state is not None else None)
+        loggers = []
+        if backend.rank == 0:
+            loggers += [CSVLogger(out, name="logs")] if "csv" in cfg.loggers else []
+            loggers += [TensorBoardLogger(out, name="tensorboard")] if "tensorboard" in cfg.loggers else []
+        batches = StepBatches(rows.train, cfg.micro_batch_size * cfg.grad_accum, state.get_data_parallel_size(),
+                              state.get_data_parallel_rank(), cfg.seed, start_step, cfg.max_steps)
+        trainer = L.Trainer(
+            accelerator="cpu" if backend.device.type == "cpu" else "gpu", devices=1,
+            strategy=SingleDeviceStrategy(backend.device), max_steps=max(cfg.max_steps - start_step, 0),
+            logger=loggers or False, enable_progress_bar=backend.rank == 0 and os.environ.get("NXD_LORA_NO_BAR") != "1",
+            enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+            log_every_n_steps=max(1, cfg.log_every),
+        )
+        trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
+        metrics = evaluate(model, rows.val, backend.device)
+        for logger in loggers:
+            logger.log_metrics(metrics, step=module.step_count)
+            logger.save()
+        saved = {mode: str(save(module, mode.replace("+", "_"), mode, resumable=False)) for mode in cfg.save_modes}
+        _say(backend, f"done at step {module.step_count}; {json.dumps(metrics)}; saved {saved}")
+        return {"losses": module.history, "val": metrics, "saved": saved, "steps": module.step_count,
+                "data": rows.report}
+    finally:
+        backend.teardown()
+
+
+def check_save_modes(modes: list[str]) -> None:
+    bad = [m for m in modes if m not in SAVE_MODES]
+    if bad:
+        raise ValueError(f"train.save_modes {bad} unknown; choose from {list(SAVE_MODES)}")
