@@ -9,7 +9,8 @@
 The base moves to ``<name>.base_layer`` so the state-dict keys match NxD's
 (``...qkv_proj.base_layer.weight_q``, ``...qkv_proj.lora_B.weight_k``). LoRA weights are
 fp32. ``lora_A`` is drawn from the full (unsharded) shape with a generator seeded per
-module, so the initial adapter is the same at every TP size.
+module, so the initial adapter is the same at every TP size (for ``o_proj`` under KV
+replication, up to the query-group order of its input columns).
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ def _init_lora_a(shape: tuple[int, int], config: LoraConfig, seed: int) -> torch
         return full.normal_(std=1 / config.lora_rank, generator=generator)
     bound = 1 / math.sqrt(shape[1])  # kaiming_uniform_(a=sqrt(5)) as NxD and PEFT use
     return full.uniform_(-bound, bound, generator=generator)
+
+
+def _replicated_lora_a(in_features: int, config: LoraConfig, seed: int) -> nn.Linear:
+    """The full ``lora_A`` that column-parallel and GQA bases share on every rank."""
+    lora_a = nn.Linear(in_features, config.lora_rank, bias=False, dtype=torch.float32)
+    lora_a.weight.data.copy_(_init_lora_a((config.lora_rank, in_features), config, seed))
+    return lora_a
 
 
 class LoraLayer(nn.Module):
@@ -72,11 +80,9 @@ class LoraLayer(nn.Module):
 class LoraColumnParallelLinear(LoraLayer):
     def __init__(self, base_layer: nn.Module, config: LoraConfig, layers: SimpleNamespace, seed: int):
         super().__init__(base_layer, config)
-        r = config.lora_rank
-        self.lora_A = nn.Linear(base_layer.input_size, r, bias=False, dtype=torch.float32)
-        self.lora_A.weight.data.copy_(_init_lora_a((r, base_layer.input_size), config, seed))
+        self.lora_A = _replicated_lora_a(base_layer.input_size, config, seed)
         self.lora_B = layers.ColumnParallelLinear(
-            r, base_layer.output_size, bias=False, gather_output=base_layer.gather_output,
+            config.lora_rank, base_layer.output_size, bias=False, gather_output=base_layer.gather_output,
             stride=base_layer.stride, dtype=torch.float32, init_method=nn.init.zeros_,
         )
 
@@ -101,11 +107,9 @@ class LoraGQAQKVParallelLinear(LoraLayer):
 
     def __init__(self, base_layer: nn.Module, config: LoraConfig, layers: SimpleNamespace, seed: int):
         super().__init__(base_layer, config)
-        r = config.lora_rank
-        self.lora_A = nn.Linear(base_layer.input_size, r, bias=False, dtype=torch.float32)
-        self.lora_A.weight.data.copy_(_init_lora_a((r, base_layer.input_size), config, seed))
+        self.lora_A = _replicated_lora_a(base_layer.input_size, config, seed)
         self.lora_B = layers.GQAQKVColumnParallelLinear(
-            r, base_layer.output_sizes, bias=False, gather_output=base_layer.gather_output, dtype=torch.float32,
+            config.lora_rank, base_layer.output_sizes, bias=False, gather_output=base_layer.gather_output, dtype=torch.float32,
             init_method=nn.init.zeros_, kv_size_multiplier=base_layer.kv_size_multiplier, fuse_qkv=base_layer.fuse_qkv,
         )
 

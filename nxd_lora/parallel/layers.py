@@ -36,6 +36,17 @@ def _default_init(weight: torch.Tensor) -> None:
     nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
 
 
+def _weight_and_bias(module: nn.Module, weight_shape: tuple[int, int], bias_size: int, dtype: torch.dtype,
+                     device: torch.device | None, init_method: InitMethod | None) -> None:
+    """This rank's ``weight`` (initialised by ``init_method``) and a zero ``bias`` (or None)."""
+    module.weight = nn.Parameter(torch.empty(weight_shape, dtype=dtype, device=device))
+    (init_method or _default_init)(module.weight)
+    if bias_size:
+        module.bias = nn.Parameter(torch.zeros(bias_size, dtype=dtype, device=device))
+    else:
+        module.register_parameter("bias", None)
+
+
 class ParallelEmbedding(nn.Module):
     """Embedding sharded on the vocabulary (dim 0): rank r holds rows ``[r*V/tp, (r+1)*V/tp)``."""
 
@@ -99,13 +110,9 @@ class ColumnParallelLinear(nn.Module):
         self.input_size, self.output_size, self.stride = input_size, output_size, stride
         self.gather_output, self.skip_bias_add = gather_output, skip_bias_add
         self.output_size_per_partition = _divide(output_size, tp, "output_size")
-        self.weight = nn.Parameter(torch.empty(self.output_size_per_partition, input_size, dtype=dtype, device=device))
-        (init_method or _default_init)(self.weight)
-        if bias:  # as in NxD: the bias is added after the gather, so it is full-size then
-            bias_size = output_size if gather_output else self.output_size_per_partition
-            self.bias = nn.Parameter(torch.zeros(bias_size, dtype=dtype, device=device))
-        else:
-            self.register_parameter("bias", None)
+        # As in NxD, the bias is added after the gather, so it is full-size then.
+        bias_size = (output_size if gather_output else self.output_size_per_partition) if bias else 0
+        _weight_and_bias(self, (self.output_size_per_partition, input_size), bias_size, dtype, device, init_method)
 
     def forward(self, x: torch.Tensor):
         x = mappings.copy_to_tensor_model_parallel_region(x)
@@ -143,12 +150,8 @@ class RowParallelLinear(nn.Module):
         self.input_size, self.output_size, self.stride = input_size, output_size, stride
         self.input_is_parallel, self.skip_bias_add, self.reduce_output = input_is_parallel, skip_bias_add, reduce_output
         self.input_size_per_partition = _divide(input_size, tp, "input_size")
-        self.weight = nn.Parameter(torch.empty(output_size, self.input_size_per_partition, dtype=dtype, device=device))
-        (init_method or _default_init)(self.weight)
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(output_size, dtype=dtype, device=device))
-        else:
-            self.register_parameter("bias", None)
+        _weight_and_bias(self, (output_size, self.input_size_per_partition), output_size if bias else 0, dtype,
+                         device, init_method)
 
     def forward(self, x: torch.Tensor):
         if not self.input_is_parallel:
