@@ -52,7 +52,7 @@ def rank_state_for_mode(model: nn.Module, mode: str) -> dict[str, torch.Tensor]:
         state = dict(model.state_dict())
     else:
         state = merged_state_dict(model)
-    return {k: v.detach() for k, v in state.items()}
+    return {k: v.detach().cpu() for k, v in state.items()}
 
 
 def nxd_adapter_config(lora: LoraConfig, mode: str) -> dict:

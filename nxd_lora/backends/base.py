@@ -57,6 +57,9 @@ class Backend(ABC):
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         optimizer.step()
 
+    def step_end(self) -> None:
+        """Called after every optimizer step (XLA backends cut and run the step graph here)."""
+
     @abstractmethod
     def save_rank_tensors(self, state: dict, path: str | Path) -> None: ...
 

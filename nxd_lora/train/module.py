@@ -86,8 +86,11 @@ class LoraModule(L.LightningModule):
             self.lr_schedulers().load_state_dict(scheduler_state)
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(lora_parameters(self.model), lr=self.train_cfg.lr,
-                                      weight_decay=self.train_cfg.weight_decay)
+        params = lora_parameters(self.model)
+        # On lazy devices the step counter must stay on the device: a non-capturable AdamW reads
+        # it back to the host (``.item()``) every step.
+        optimizer = torch.optim.AdamW(params, lr=self.train_cfg.lr, weight_decay=self.train_cfg.weight_decay,
+                                      capturable=params[0].device.type == "xla")
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.train_cfg))
         return [optimizer], [scheduler]
 
@@ -123,11 +126,19 @@ class LoraModule(L.LightningModule):
             if not math.isfinite(value):
                 raise NonFiniteLoss(f"loss is {value} at step {self.step_count}; stopping (last good checkpoint kept)")
             self.history.append(value)
+        lr = scheduler.get_last_lr()[0]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         if log_now:
-            self.log_dict({"train/loss": mean_loss, "train/grad_norm": grad_norm, "train/tokens": tokens,
-                           "lr": torch.tensor(scheduler.get_last_lr()[0])}, prog_bar=True, on_step=True)
+            metrics = {"train/loss": value, "train/grad_norm": grad_norm.item(), "train/tokens": tokens.item(),
+                       "lr": lr}
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=self.step_count)
+            if grad_norm.device.type != "xla":
+                # Lightning keeps logged values as device tensors and reads them back at every later
+                # step; on a lazy device that is a host transfer per metric per step, so the
+                # progress bar only shows them on eager devices.
+                self.log_dict(metrics, prog_bar=True, logger=False, on_step=True)
         if self.on_step_end is not None:
             self.on_step_end(self)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
@@ -115,6 +116,7 @@ def train(recipe: Recipe) -> dict:
             )
 
         def on_step_end(module: LoraModule) -> None:
+            backend.step_end()
             if cfg.save_every and module.step_count % cfg.save_every == 0:
                 save(module, f"step_{module.step_count}", "adapter", resumable=True)
             if cfg.val_every and module.step_count % cfg.val_every == 0:
@@ -130,9 +132,9 @@ def train(recipe: Recipe) -> dict:
             loggers += [TensorBoardLogger(out, name="tensorboard")] if "tensorboard" in cfg.loggers else []
         batches = StepBatches(rows.train, cfg.micro_batch_size * cfg.grad_accum, state.get_data_parallel_size(),
                               state.get_data_parallel_rank(), cfg.seed, start_step, cfg.max_steps)
+        accelerator = {"cpu": "cpu", "cuda": "gpu"}.get(backend.device.type) or _AnyDeviceAccelerator()
         trainer = L.Trainer(
-            accelerator="cpu" if backend.device.type == "cpu" else "gpu", devices=1,
-            strategy=SingleDeviceStrategy(backend.device), max_steps=max(cfg.max_steps - start_step, 0),
+            accelerator=accelerator, devices=1, strategy=SingleDeviceStrategy(backend.device), max_steps=max(cfg.max_steps - start_step, 0),
             logger=loggers or False, enable_progress_bar=backend.rank == 0 and os.environ.get("NXD_LORA_NO_BAR") != "1",
             enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
             log_every_n_steps=max(1, cfg.log_every),
@@ -145,9 +147,16 @@ def train(recipe: Recipe) -> dict:
         saved = {mode: str(save(module, mode.replace("+", "_"), mode, resumable=False)) for mode in cfg.save_modes}
         _say(backend, f"done at step {module.step_count}; {json.dumps(metrics)}; saved {saved}")
         return {"losses": module.history, "val": metrics, "saved": saved, "steps": module.step_count,
-                "data": rows.report}
+                "data": rows.report, "step_stats": getattr(backend, "step_stats", [])}
     finally:
         backend.teardown()
+
+
+class _AnyDeviceAccelerator(CPUAccelerator):
+    """Lightning's CPU accelerator without its device-type check, for torch-xla on the CPU."""
+
+    def setup_device(self, device: torch.device) -> None:
+        pass
 
 
 def check_save_modes(modes: list[str]) -> None:
