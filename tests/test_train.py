@@ -47,6 +47,7 @@ def test_loss_falls_by_half_on_a_memorisable_set(tiny, tmp_path):
     assert len(losses) == 80 and result[1]["losses"] == losses  # both TP ranks see the same loss
     assert min(losses[-5:]) <= 0.5 * losses[0], (losses[0], losses[-5:])
     assert (tmp_path / "logs").is_dir() and (tmp_path / "final" / "adapter" / "done").is_file()
+    assert json.loads((tmp_path / "final" / "peft" / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
 
 def test_resumed_losses_equal_the_uninterrupted_run(tiny, tmp_path):
@@ -95,3 +96,12 @@ def test_shipped_recipes_parse():
     for path in Path(__file__).resolve().parents[1].glob("configs/*.yaml"):
         recipe = load_recipe(path)
         assert recipe.train.max_steps > 0 and recipe.model.checkpoint, path
+
+
+def test_missing_data_file_is_named(tiny, tmp_path):
+    from nxd_lora.tokenizer import load_tokenizer
+    from nxd_lora.train.data import build_rows
+
+    recipe = load_recipe(None, [f"data.train_files=[{tmp_path / 'nope.jsonl'}]"])
+    with pytest.raises(FileNotFoundError, match="nope.jsonl: no such data file"):
+        build_rows(recipe.data, load_tokenizer(tiny / "hf"), 0)

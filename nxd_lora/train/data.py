@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from nxd_lora.data.batching import fit_to_length, pack, pad, real_token_fraction
 from nxd_lora.data.encode import encode_record
-from nxd_lora.data.records import read_records, sample_data_path
+from nxd_lora.data.records import ReadReport, Record, read_records, sample_data_path, to_messages
 from nxd_lora.tokenizer import Tokenizer
 from nxd_lora.train.config import DataConfig
 
@@ -26,7 +27,7 @@ def build_rows(data: DataConfig, tok: Tokenizer, seed: int) -> Rows:
     files = data.train_files or [str(sample_data_path())]
     records, skipped = [], []
     for file in files:
-        report = read_records(file, on_error=data.on_error)
+        report = read_records(file, on_error=data.on_error) if Path(file).exists() else _hub_records(file, data)
         records += report.records
         skipped += report.skipped
     encoded = [encode_record(r, tok, data.template, data.train_on_prompt) for r in records]
@@ -42,6 +43,32 @@ def build_rows(data: DataConfig, tok: Tokenizer, seed: int) -> Rows:
                    "train_rows": len(rows.train), "skipped_rows": len(skipped), "truncated": len(fit.truncated),
                    "dropped_long_prompts": len(fit.dropped), "real_token_fraction": round(real_token_fraction(rows.train), 4)}
     return rows
+
+
+def _hub_records(dataset_id: str, data: DataConfig) -> ReadReport:
+    """A Hugging Face ``datasets`` hub id (needs network access); rows go through the same schemas."""
+    looks_like_id = dataset_id.count("/") == 1 and not dataset_id.startswith((".", "/", "~")) \
+        and Path(dataset_id).suffix.lower() not in (".jsonl", ".json", ".csv")
+    if not looks_like_id:
+        raise FileNotFoundError(f"{dataset_id}: no such data file (and not an 'owner/name' datasets hub id)")
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"{dataset_id}: loading hub datasets needs the 'datasets' package") from None
+    try:
+        rows = datasets.load_dataset(dataset_id, split="train")
+    except Exception as err:
+        raise ValueError(f"{dataset_id}: cannot load from the datasets hub ({type(err).__name__}: {err}); "
+                         "offline machines need a local JSONL/JSON/CSV file") from None
+    report = ReadReport()
+    for i, row in enumerate(rows):
+        try:
+            report.records.append(Record(to_messages(dict(row), f"{dataset_id}[{i}]"), f"{dataset_id}[{i}]"))
+        except ValueError as err:
+            if data.on_error == "fail":
+                raise
+            report.skipped.append(str(err))
+    return report
 
 
 class StepBatches(torch.utils.data.IterableDataset):

@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from checkpoint_tools.atomic_io import load_tensors
+from checkpoint_tools.export import export_peft
 from checkpoint_tools.nxd_format import BASE_TAG, check_manifest, manifest_config, rank_path
 from nxd_lora.backends import get_backend
 from nxd_lora.checkpointing import SAVE_MODES, save_lora_checkpoint
@@ -145,6 +146,11 @@ def train(recipe: Recipe) -> dict:
             logger.log_metrics(metrics, step=module.step_count)
             logger.save()
         saved = {mode: str(save(module, mode.replace("+", "_"), mode, resumable=False)) for mode in cfg.save_modes}
+        peft_mode = next((m for m in ("adapter", "base+adapter") if m in saved), None)
+        if peft_mode and backend.rank == 0:  # the ecosystem copy: loads in PEFT, transformers, vLLM
+            export_peft(saved[peft_mode], out / "final" / "peft", base_model=recipe.model.checkpoint, overwrite=True,
+                        log=lambda message: _say(backend, message))
+            saved["peft"] = str(out / "final" / "peft")
         _say(backend, f"done at step {module.step_count}; {json.dumps(metrics)}; saved {saved}")
         return {"losses": module.history, "val": metrics, "saved": saved, "steps": module.step_count,
                 "data": rows.report, "step_stats": getattr(backend, "step_stats", [])}
