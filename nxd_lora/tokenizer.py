@@ -46,9 +46,12 @@ class Tokenizer:
     specials: dict[str, int]
     _encode: Callable[[str], list[int]]
     _decode: Callable[[list[int]], str]
+    _encode_with_specials: Callable[[str], list[int]] | None = None
+    chat_template: str | None = None  # jinja, from tokenizer_config.json
 
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        ids = self._encode(text)
+    def encode(self, text: str, bos: bool = False, eos: bool = False, specials_in_text: bool = False) -> list[int]:
+        """``specials_in_text``: special-token strings in ``text`` become their ids (rendered templates)."""
+        ids = (self._encode_with_specials or self._encode)(text) if specials_in_text else self._encode(text)
         return ([self.bos_id] if bos and self.bos_id is not None else []) + ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids: list[int]) -> str:
@@ -74,6 +77,7 @@ def _tiktoken(path: Path) -> Tokenizer:
         "tiktoken", len(ranks) + len(specials), specials["<|begin_of_text|>"], specials["<|end_of_text|>"],
         specials["<|finetune_right_pad_id|>"], specials,
         lambda text: encoding.encode(text, disallowed_special=()), lambda ids: encoding.decode(ids),
+        lambda text: encoding.encode(text, allowed_special="all"),
     )
 
 
@@ -124,6 +128,7 @@ def _hf_tokenizers(path: Path) -> Tokenizer:
         "hf", tok.get_vocab_size(with_added_tokens=True), ids["bos_token"], ids["eos_token"], pad, specials,
         lambda text: tok.encode(text, add_special_tokens=False).ids,
         lambda token_ids: tok.decode(token_ids, skip_special_tokens=False),
+        chat_template=config.get("chat_template") if isinstance(config.get("chat_template"), str) else None,
     )
 
 

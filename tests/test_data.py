@@ -123,3 +123,30 @@ def test_packed_row_gives_the_same_logits_as_each_document_alone():
             alone, _ = model(d[None])
             torch.testing.assert_close(packed[0, offset:offset + len(d)], alone[0], atol=1e-5, rtol=0)
             offset += len(d)
+
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def test_tokenizer_chat_template_is_rendered_with_masked_prompt(tmp_path):
+    from nxd_lora.tiny import write_hf_tokenizer
+
+    texts = [m["content"] for r in read_records(sample_data_path()).records for m in r.messages]
+    write_hf_tokenizer(tmp_path, texts)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(config, chat_template=CHAT_TEMPLATE)))
+    tok = load_tokenizer(tmp_path)
+    record = read_records(sample_data_path()).records[2]
+    ex = encode_record(record, tok)  # auto picks the tokenizer's template
+    eot, start = tok.specials["<|eot_id|>"], tok.specials["<|start_header_id|>"]
+    assert ex.input_ids[0] == tok.bos_id and ex.input_ids[-1] == eot  # specials became ids
+    assert ex.input_ids[: ex.prompt_length].count(start) == 2  # user turn + generation prompt
+    assert ex.labels[: ex.prompt_length] == [IGNORE_INDEX] * ex.prompt_length
+    assert tok.decode(ex.input_ids[ex.prompt_length:-1]) == record.messages[-1]["content"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(config, chat_template="{{ messages[0]['content'] }}")))
+    with pytest.raises(ValueError, match="does not render the conversation as prompt \\+ answer"):
+        encode_record(record, load_tokenizer(tmp_path))

@@ -25,4 +25,4 @@ def test_demo_under_torchrun(tmp_path):
     assert config["peft_type"] == "LORA" and config["r"] == 32
     assert (tmp_path / "merged-hf" / "model.safetensors.index.json").is_file()
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_20", "step_40"]
-    assert sorted(p.name for p in (tmp_path / "run" / "final").iterdir()) == ["adapter", "base_adapter", "merged"]
+    assert sorted(p.name for p in (tmp_path / "run" / "final").iterdir()) == ["adapter", "base_adapter", "merged", "peft"]

@@ -105,3 +105,9 @@ def test_missing_data_file_is_named(tiny, tmp_path):
     recipe = load_recipe(None, [f"data.train_files=[{tmp_path / 'nope.jsonl'}]"])
     with pytest.raises(FileNotFoundError, match="nope.jsonl: no such data file"):
         build_rows(recipe.data, load_tokenizer(tiny / "hf"), 0)
+
+
+def test_bf16_base_weights_train(tiny, tmp_path):
+    result = spawn_ranks(_train, 2, _overrides(tiny, tmp_path, "model.dtype=bfloat16", "train.max_steps=20",
+                                               "train.save_every=0", "train.save_modes=[adapter]"))[0]
+    assert result["losses"][-1] < 0.9 * result["losses"][0]

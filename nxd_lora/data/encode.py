@@ -1,7 +1,8 @@
 """Turn chat messages into token ids and labels, masking the prompt (completion-only loss).
 
-Templates: ``llama3`` (Llama 3 chat format, used when the tokenizer has its header tokens)
-and ``alpaca`` (instruction / response text, for Llama 2 and other tokenizers). The prompt
+Templates: ``tokenizer`` (the jinja ``chat_template`` of tokenizer_config.json), ``llama3``
+(Llama 3's chat format, for tiktoken ``tokenizer.model`` files, which carry no template) and
+``alpaca`` (instruction / response text, for Llama 2 and other tokenizers). The prompt
 is everything before the final assistant answer; its labels are -100 unless
 ``train_on_prompt``.
 """
@@ -14,7 +15,7 @@ from nxd_lora.data.records import Record
 from nxd_lora.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100
-TEMPLATES = ("auto", "llama3", "alpaca")
+TEMPLATES = ("auto", "tokenizer", "llama3", "alpaca")
 ALPACA_HEADER = "Below is an instruction that describes a task. Write a response that completes the request.\n\n"
 
 
@@ -50,18 +51,38 @@ def _alpaca_prompt_and_answer(messages: list[dict[str, str]], tok: Tokenizer) ->
     return prompt, tok.encode(messages[-1]["content"], eos=True)
 
 
+def _chat_template_prompt_and_answer(messages: list[dict[str, str]], tok: Tokenizer) -> tuple[list[int], list[int]]:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    template = env.from_string(tok.chat_template)
+    names = {v: k for k, v in tok.specials.items()}
+    variables = {"bos_token": names.get(tok.bos_id, ""), "eos_token": names.get(tok.eos_id, "")}
+    prompt = template.render(messages=messages[:-1], add_generation_prompt=True, **variables)
+    full = template.render(messages=messages, add_generation_prompt=False, **variables)
+    if not full.startswith(prompt) or messages[-1]["content"] not in full[len(prompt):]:
+        raise ValueError("the tokenizer's chat_template does not render the conversation as prompt + answer; "
+                         "choose template 'llama3' or 'alpaca'")
+    return tok.encode(prompt, specials_in_text=True), tok.encode(full[len(prompt):], specials_in_text=True)
+
+
+_BUILDERS = {"tokenizer": _chat_template_prompt_and_answer, "llama3": _llama3_prompt_and_answer,
+             "alpaca": _alpaca_prompt_and_answer}
+
+
 def resolve_template(template: str, tok: Tokenizer) -> str:
     if template not in TEMPLATES:
         raise ValueError(f"template {template!r} unknown; choose one of {list(TEMPLATES)}")
     if template == "auto":
-        return "llama3" if tok.is_llama3_chat else "alpaca"
+        return "tokenizer" if tok.chat_template else "llama3" if tok.is_llama3_chat else "alpaca"
+    if template == "tokenizer" and not tok.chat_template:
+        raise ValueError("template 'tokenizer' needs a chat_template in tokenizer_config.json")
     if template == "llama3" and not tok.is_llama3_chat:
         raise ValueError("template 'llama3' needs a tokenizer with <|start_header_id|> and <|eot_id|>")
     return template
 
 
 def encode_record(record: Record, tok: Tokenizer, template: str = "auto", train_on_prompt: bool = False) -> Encoded:
-    build = _llama3_prompt_and_answer if resolve_template(template, tok) == "llama3" else _alpaca_prompt_and_answer
-    prompt, answer = build(record.messages, tok)
+    prompt, answer = _BUILDERS[resolve_template(template, tok)](record.messages, tok)
     labels = (prompt if train_on_prompt else [IGNORE_INDEX] * len(prompt)) + answer
     return Encoded(prompt + answer, labels, len(prompt), record.source)

@@ -56,6 +56,8 @@ class TrainConfig:
     resume: str = "none"          # none | auto | <tag directory>
     save_modes: list[str] = field(default_factory=lambda: ["adapter"])
     loggers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])
+    rouge: bool = False           # ROUGE of greedy answers on validation prompts (needs rouge-score)
+    rouge_max_new_tokens: int = 32
 
 
 @dataclass

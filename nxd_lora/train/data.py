@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from nxd_lora.data.batching import fit_to_length, pack, pad, real_token_fraction
-from nxd_lora.data.encode import encode_record
+from nxd_lora.data.encode import Encoded, encode_record
 from nxd_lora.data.records import ReadReport, Record, read_records, sample_data_path, to_messages
 from nxd_lora.tokenizer import Tokenizer
 from nxd_lora.train.config import DataConfig
@@ -20,6 +20,7 @@ class Rows:
     train: list[dict[str, torch.Tensor]]
     val: list[dict[str, torch.Tensor]]
     report: dict
+    val_examples: list[Encoded] = field(default_factory=list)  # unpacked, for generation metrics
 
 
 def build_rows(data: DataConfig, tok: Tokenizer, seed: int) -> Rows:
@@ -38,7 +39,7 @@ def build_rows(data: DataConfig, tok: Tokenizer, seed: int) -> Rows:
     if not train:
         raise ValueError(f"no training examples left after the validation split (val_fraction={data.val_fraction})")
     build = pack if data.packing else pad
-    rows = Rows(build(train, data.seq_len, tok.pad_id), build(val, data.seq_len, tok.pad_id), {})
+    rows = Rows(build(train, data.seq_len, tok.pad_id), build(val, data.seq_len, tok.pad_id), {}, val)
     rows.report = {"examples": len(encoded), "train_examples": len(train), "val_examples": len(val),
                    "train_rows": len(rows.train), "skipped_rows": len(skipped), "truncated": len(fit.truncated),
                    "dropped_long_prompts": len(fit.dropped), "real_token_fraction": round(real_token_fraction(rows.train), 4)}

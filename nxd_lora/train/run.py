@@ -142,6 +142,10 @@ def train(recipe: Recipe) -> dict:
         )
         trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
         metrics = evaluate(model, rows.val, backend.device)
+        if cfg.rouge and rows.val_examples:
+            from nxd_lora.train.rouge import rouge_on_examples
+
+            metrics.update(rouge_on_examples(model, rows.val_examples, tok, backend.device, cfg.rouge_max_new_tokens))
         for logger in loggers:
             logger.log_metrics(metrics, step=module.step_count)
             logger.save()
