@@ -59,7 +59,8 @@ def _train(args: argparse.Namespace) -> int:
     from nxd_lora.train.config import load_recipe
     from nxd_lora.train.run import train
 
-    train(load_recipe(args.config, args.overrides))
+    overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
+    train(load_recipe(args.config, overrides))
     return 0
 
 
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="LoRA fine-tuning (run one process per rank: torchrun, launch/run_trn1.sh)")
     train.add_argument("--config", help="YAML recipe (configs/*.yaml)")
+    train.add_argument("--resume", help="'auto' (newest complete checkpoint under output_dir) or a tag directory")
     train.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=50")
     train.set_defaults(func=_train)
 

@@ -111,3 +111,14 @@ def test_bf16_base_weights_train(tiny, tmp_path):
     result = spawn_ranks(_train, 2, _overrides(tiny, tmp_path, "model.dtype=bfloat16", "train.max_steps=20",
                                                "train.save_every=0", "train.save_modes=[adapter]"))[0]
     assert result["losses"][-1] < 0.9 * result["losses"][0]
+
+
+def test_cli_train_flags_reach_the_recipe(monkeypatch):
+    import nxd_lora.train.run as run
+    from nxd_lora.cli import main
+
+    seen = {}
+    monkeypatch.setattr(run, "train", lambda recipe: seen.setdefault("recipe", recipe))
+    assert main(["train", "--resume", "auto", "train.max_steps=3"]) == 0
+    assert (seen["recipe"].train.resume, seen["recipe"].train.max_steps) == ("auto", 3)
+    assert main(["train", "train.nope=1"]) == 2
