@@ -13,6 +13,8 @@ from types import SimpleNamespace
 
 import torch
 
+from checkpoint_tools.atomic_io import load_tensors, save_tensors
+
 
 class BackendUnavailable(RuntimeError):
     """The runtime a backend needs is not installed or has no device here."""
@@ -30,10 +32,13 @@ class Backend(ABC):
     def device(self) -> torch.device: ...
 
     @property
-    @abstractmethod
     def layers(self) -> SimpleNamespace:
         """ParallelEmbedding, ColumnParallelLinear, RowParallelLinear, GQAQKVColumnParallelLinear,
-        parallel_cross_entropy, gather_from_tensor_model_parallel_region."""
+        parallel_cross_entropy, gather_from_tensor_model_parallel_region, state: our eager layers
+        unless a backend brings its own (Neuron: neuronx_distributed's)."""
+        from nxd_lora import parallel
+
+        return SimpleNamespace(**{name: getattr(parallel, name) for name in parallel.__all__})
 
     @property
     @abstractmethod
@@ -60,11 +65,13 @@ class Backend(ABC):
     def step_end(self) -> None:
         """Called after every optimizer step (XLA backends cut and run the step graph here)."""
 
-    @abstractmethod
-    def save_rank_tensors(self, state: dict, path: str | Path) -> None: ...
+    def save_rank_tensors(self, state: dict, path: str | Path) -> None:
+        """Atomically save this rank's tensors (moved to the CPU first)."""
+        save_tensors(state, path)
 
-    @abstractmethod
-    def load_rank_tensors(self, path: str | Path) -> dict: ...
+    def load_rank_tensors(self, path: str | Path) -> dict:
+        """Load a rank file (weights only) onto this backend's device."""
+        return {k: v.to(self.device) for k, v in load_tensors(path).items()}
 
     @abstractmethod
     def teardown(self) -> None: ...

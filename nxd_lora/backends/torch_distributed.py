@@ -7,14 +7,10 @@ or as a single process with TP=1 and no process group at all.
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
-from checkpoint_tools.atomic_io import load_tensors, save_tensors
-from nxd_lora import parallel
 from nxd_lora.backends.base import Backend, BackendUnavailable
 from nxd_lora.parallel import state
 
@@ -35,10 +31,6 @@ class TorchDistributedBackend(Backend):
         """Hook for backends that pin one device per local rank."""
 
     @property
-    def layers(self) -> SimpleNamespace:
-        return SimpleNamespace(**{name: getattr(parallel, name) for name in parallel.__all__})
-
-    @property
     def rank(self) -> int:
         return dist.get_rank() if dist.is_initialized() else 0
 
@@ -57,12 +49,6 @@ class TorchDistributedBackend(Backend):
     def barrier(self) -> None:
         if dist.is_initialized():
             dist.barrier()
-
-    def save_rank_tensors(self, state_dict: dict, path: str | Path) -> None:
-        save_tensors(state_dict, path)
-
-    def load_rank_tensors(self, path: str | Path) -> dict:
-        return {k: v.to(self.device) for k, v in load_tensors(path).items()}
 
     def teardown(self) -> None:
         state.destroy_model_parallel()

@@ -12,13 +12,9 @@ from __future__ import annotations
 
 import importlib
 import os
-from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
-from checkpoint_tools.atomic_io import load_tensors, save_tensors
-from nxd_lora import parallel
 from nxd_lora.backends.base import Backend, BackendUnavailable
 from nxd_lora.parallel import state
 
@@ -47,10 +43,6 @@ class XlaBackend(Backend):
         return self.torch_xla.device()
 
     @property
-    def layers(self) -> SimpleNamespace:
-        return SimpleNamespace(**{name: getattr(parallel, name) for name in parallel.__all__})
-
-    @property
     def rank(self) -> int:
         return 0
 
@@ -77,12 +69,6 @@ class XlaBackend(Backend):
             data = self.metrics.metric_data(metric)
             counts[key] = int(data[0]) if data else 0
         self.step_stats.append(counts)
-
-    def save_rank_tensors(self, state_dict: dict, path: str | Path) -> None:
-        save_tensors(state_dict, path)
-
-    def load_rank_tensors(self, path: str | Path) -> dict:
-        return {k: v.to(self.device) for k, v in load_tensors(path).items()}
 
     def teardown(self) -> None:
         state.destroy_model_parallel()
