@@ -7,6 +7,7 @@ under the final name. Loads always use ``weights_only=True``.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import tempfile
@@ -34,11 +35,29 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
+def torch_save(state: dict, path_or_handle) -> None:
+    """``torch.save``, then free the reference cycle it leaves around the saved storages.
+
+    torch.save's pickler leaves a cycle that keeps every saved tensor alive until the next
+    full garbage collection, which in a loop of big saves comes far too late: converting
+    Llama 3 8B to TP=32 grew to 9 GiB RSS without this collection, and stays near 3 GiB with it.
+    """
+    torch.save(state, path_or_handle)
+    gc.collect()
+
+
 def save_tensors(state: dict, path: str | Path) -> None:
     """``torch.save`` a (flat) dict of tensors atomically; tensors are moved to CPU first."""
     cpu_state = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
     with atomic_write(path) as handle:
-        torch.save(cpu_state, handle)
+        torch_save(cpu_state, handle)
+
+
+def write_json(path: str | Path, data, sort_keys: bool = False) -> None:
+    """Write ``data`` as indented JSON (with a final newline), atomically."""
+    with atomic_write(path, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=sort_keys)
+        handle.write("\n")
 
 
 def load_tensors(path: str | Path) -> dict:

@@ -8,7 +8,6 @@ memory-mapped rank files, written in size-bounded safetensors shards with an ind
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
-from checkpoint_tools.atomic_io import atomic_write
+from checkpoint_tools.atomic_io import write_json
 from checkpoint_tools.llama_config import LlamaConfig, check_tensor_parallel
 from checkpoint_tools.nxd_format import (
     BASE_TAG,
@@ -185,10 +184,8 @@ def write_hf_model(staging: Path, cfg: LlamaConfig, dtype: torch.dtype,
         weight_map.update({k: name for k in tensors})
         log(f"convert: wrote {name} ({len(tensors)} tensors)")
     total = sum(torch.Size(s).numel() for s in shapes.values()) * element
-    with atomic_write(staging / "model.safetensors.index.json", "w") as handle:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, handle, indent=2)
-    with atomic_write(staging / "config.json", "w") as handle:
-        json.dump(dict(cfg.to_hf_dict(), torch_dtype=_dtype_name(dtype)), handle, indent=2)
+    write_json(staging / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_json(staging / "config.json", dict(cfg.to_hf_dict(), torch_dtype=_dtype_name(dtype)))
 
 
 def convert_to_hf(

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import warnings
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
-from checkpoint_tools.atomic_io import atomic_write
+from checkpoint_tools.atomic_io import write_json
 from checkpoint_tools.convert import load_rank_files, write_hf_model
 from checkpoint_tools.nxd_format import manifest_config, publish_directory, read_manifest, resolve_tag_dir
 from checkpoint_tools.sources import CheckpointError
@@ -77,8 +76,7 @@ def export_peft(src: str | Path, dst: str | Path, base_model: str | None = None,
         log(f"export: warning: {message}")
     with publish_directory(dst, overwrite) as staging:
         save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
-        with atomic_write(staging / "adapter_config.json", "w") as handle:
-            json.dump(peft_adapter_config(lora, targets, base_model), handle, indent=2, sort_keys=True)
+        write_json(staging / "adapter_config.json", peft_adapter_config(lora, targets, base_model), sort_keys=True)
     log(f"export: PEFT adapter ({len(tensors)} tensors, targets {targets}) -> {dst}")
     return adapters
 
@@ -152,5 +150,4 @@ def _copy_tokenizer_files(source: Path, staging: Path) -> list[str]:
 
 def _write_generation_config(staging: Path, cfg) -> None:
     fields = {k: cfg.extra[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.extra.get(k) is not None}
-    with atomic_write(staging / "generation_config.json", "w") as handle:
-        json.dump({"_from_model_config": True, **fields}, handle, indent=2)
+    write_json(staging / "generation_config.json", {"_from_model_config": True, **fields})

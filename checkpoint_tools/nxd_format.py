@@ -13,9 +13,7 @@ lets a loader refuse a checkpoint that does not match what it was asked for.
 
 from __future__ import annotations
 
-import gc
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -26,7 +24,7 @@ from typing import Any, Iterator
 
 import torch
 
-from checkpoint_tools.atomic_io import atomic_write, read_json
+from checkpoint_tools.atomic_io import atomic_write, read_json, torch_save, write_json
 from checkpoint_tools.llama_config import LlamaConfig
 
 MANIFEST = "nxd_lora_manifest.json"
@@ -102,17 +100,6 @@ class BackgroundRankWriter:
             self.hasher.shutdown(cancel_futures=True)
 
 
-def torch_save(state: dict[str, torch.Tensor], path: Path) -> None:
-    """``torch.save``, then free the reference cycle it leaves around the saved storages.
-
-    torch.save's pickler leaves a cycle that keeps every saved tensor alive until the next
-    full garbage collection, which in a loop of big saves comes far too late: converting
-    Llama 3 8B to TP=32 grew to 9 GiB RSS without this collection, and stays near 3 GiB with it.
-    """
-    torch.save(state, path)
-    gc.collect()
-
-
 def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -134,9 +121,7 @@ def mark_done(tag_dir: Path) -> None:
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
-    with atomic_write(root / MANIFEST, "w") as handle:
-        json.dump(manifest, handle, indent=2, sort_keys=True)
-        handle.write("\n")
+    write_json(root / MANIFEST, manifest, sort_keys=True)
 
 
 def resolve_tag_dir(path: str | Path) -> Path:
@@ -202,13 +187,22 @@ def publish_directory(destination: str | Path, overwrite: bool = False) -> Itera
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
     try:
         yield staging
-        if destination.exists():
-            old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
-            os.replace(destination, old)
-            os.replace(staging, destination)
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-        else:
-            os.replace(staging, destination)
+        replace_directory(staging, destination)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def replace_directory(staging: Path, destination: Path) -> None:
+    """Move a finished ``staging`` directory onto ``destination``, replacing what was there.
+
+    The old destination is first renamed aside, so at every moment one complete version
+    exists under the final name or beside it.
+    """
+    if destination.exists():
+        old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
+        os.replace(destination, old)
+        os.replace(staging, destination)
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    else:
+        os.replace(staging, destination)

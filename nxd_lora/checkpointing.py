@@ -13,7 +13,6 @@ All ranks write into ``<root>/.<tag>.partial/``; after a barrier rank 0 writes t
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -21,8 +20,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from checkpoint_tools.atomic_io import atomic_write
-from checkpoint_tools.nxd_format import FORMAT_VERSION, mark_done, mark_started, rank_path, save_rank_file, write_manifest
+from checkpoint_tools.atomic_io import write_json
+from checkpoint_tools.nxd_format import (
+    FORMAT_VERSION,
+    mark_done,
+    mark_started,
+    rank_path,
+    replace_directory,
+    save_rank_file,
+    write_manifest,
+)
 from nxd_lora.backends.base import Backend
 from nxd_lora.lora.config import LoraConfig
 from nxd_lora.lora.layers import LoraLayer
@@ -87,9 +94,7 @@ def save_lora_checkpoint(model: nn.Module, backend: Backend, root: str | Path, t
     state = rank_state_for_mode(model, mode)
     if parallel_state.get_data_parallel_rank() == 0:
         path = rank_path(staging, backend.tp_rank)
-        info = save_rank_file(state, path)
-        with atomic_write(path.with_suffix(".pt.json"), "w") as handle:
-            json.dump(info, handle)
+        write_json(path.with_suffix(".pt.json"), save_rank_file(state, path))
         if optimizer is not None:
             save_rank_file(optimizer, staging / "optim" / path.name)
     backend.barrier()
@@ -112,16 +117,9 @@ def save_lora_checkpoint(model: nn.Module, backend: Backend, root: str | Path, t
         for name, content in (("scheduler.pt", scheduler), ("user_content.pt", user_content)):
             if content is not None:
                 save_rank_file(content, staging / name)
-        with atomic_write(staging / "adapter_config.json", "w") as handle:
-            json.dump(nxd_adapter_config(lora, mode), handle, indent=2, sort_keys=True)
+        write_json(staging / "adapter_config.json", nxd_adapter_config(lora, mode), sort_keys=True)
         mark_done(staging)
-        if final.exists():
-            old = root / f".{tag}.old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(staging, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, final)
+        replace_directory(staging, final)
     backend.barrier()
     return final
 
