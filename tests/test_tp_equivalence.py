@@ -143,3 +143,16 @@ def test_trainable_parameter_count_matches_peft(case):
     for tp in (1, 2, 4):
         for rank_result in case["results"][tp]:
             assert rank_result["trainable"].startswith(expected)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_chunked_loss_and_activation_checkpointing_give_the_same_loss_and_grads(case, tp):
+    """The logits-free chunked loss under each checkpointing mode equals the plain forward/backward."""
+    for rank_result in case["results"][tp]:
+        for mode, variant in rank_result["variants"].items():
+            assert variant["logits"] is None
+            torch.testing.assert_close(variant["loss"], rank_result["loss"], atol=ATOL, rtol=0, msg=mode)
+            assert variant["grads"].keys() == rank_result["grads"].keys()
+            for name, grad in variant["grads"].items():
+                torch.testing.assert_close(grad, rank_result["grads"][name], atol=ATOL, rtol=1e-4,
+                                           msg=f"{mode}: {name}")

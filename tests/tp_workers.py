@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from checkpoint_tools.llama_config import LlamaConfig, check_tensor_parallel
@@ -10,11 +12,13 @@ from nxd_lora.backends import get_backend
 from nxd_lora.lora.config import LoraConfig
 from nxd_lora.lora.model import apply_lora, describe_trainable, load_lora_state_dict, lora_parameters
 from nxd_lora.model.builder import build_model, rank_state_from_hf
+from nxd_lora.parallel import parallel_linear_cross_entropy
 
 
 def forward_backward(config_dict: dict, tp: int, hf_state: dict, input_ids: torch.Tensor, labels: torch.Tensor,
                      fuse_qkv: bool, lora_kwargs: dict, hf_lora: dict | None = None) -> dict:
-    """Base logits; then with LoRA applied: logits (gathered), loss, this rank's LoRA params and grads."""
+    """Base logits; then with LoRA applied: logits (gathered), loss, this rank's LoRA params and grads;
+    and loss + grads again from the chunked logits-free loss under each activation-checkpointing mode."""
     config = LlamaConfig.from_dict(config_dict)
     backend = get_backend("cpu")
     backend.setup(tp, check_tensor_parallel(config, tp))
@@ -29,7 +33,7 @@ def forward_backward(config_dict: dict, tp: int, hf_state: dict, input_ids: torc
         loss.backward()
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
         assert list(named.values()) == lora_parameters(model)
-        return {
+        result = {
             "base_logits": base_logits,
             "base_loss": base_loss,
             "trainable": describe_trainable(model),
@@ -37,7 +41,18 @@ def forward_backward(config_dict: dict, tp: int, hf_state: dict, input_ids: torc
             "loss": loss.detach(),
             "lora": {n: p.detach() for n, p in named.items()},
             "grads": {n: p.grad for n, p in named.items()},
+            "variants": {},
         }
+        # chunk=7 does not divide the 48 tokens: several chunks and a ragged last one.
+        model._linear_cross_entropy = partial(parallel_linear_cross_entropy, chunk=7)
+        for mode in ("none", "mlp", "full"):
+            model.zero_grad(set_to_none=True)
+            model.set_activation_checkpointing(mode)
+            no_logits, loss = model(input_ids, labels=labels, return_logits=False)
+            loss.backward()
+            result["variants"][mode] = {"logits": no_logits, "loss": loss.detach(),
+                                        "grads": {n: p.grad for n, p in named.items()}}
+        return result
     finally:
         backend.teardown()
 

@@ -28,7 +28,7 @@ from nxd_lora.parallel import state
 
 def _init_lora_a(shape: tuple[int, int], config: LoraConfig, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    full = torch.empty(shape, dtype=torch.float32)
+    full = torch.empty(shape, dtype=torch.float32, device="cpu")  # the generator is a CPU one
     if config.init_lora_weights == "gaussian":
         return full.normal_(std=1 / config.lora_rank, generator=generator)
     bound = 1 / math.sqrt(shape[1])  # kaiming_uniform_(a=sqrt(5)) as NxD and PEFT use

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from checkpoint_tools.llama_config import LlamaConfig
@@ -27,11 +29,15 @@ def build_model(
     given, is applied after the base weights are loaded so that the base is frozen.
     """
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config, tp_size=backend.tp_size, fuse_qkv=fuse_qkv, dtype=dtype, layers=backend.layers)
-    if base_state is not None:
-        load_base_state_dict(model, base_state)
-    if lora is not None:
-        apply_lora(model, lora, seed=seed, layers=backend.layers)
+    # On a GPU the parameters are created there: no host copy of the whole model.
+    on_device = torch.device(backend.device) if backend.device.type == "cuda" else contextlib.nullcontext()
+    with on_device:
+        model = LlamaForCausalLM(config, tp_size=backend.tp_size, fuse_qkv=fuse_qkv, dtype=dtype,
+                                 layers=backend.layers)
+        if base_state is not None:
+            load_base_state_dict(model, base_state)
+        if lora is not None:
+            apply_lora(model, lora, seed=seed, layers=backend.layers)
     return model.to(backend.device)
 
 

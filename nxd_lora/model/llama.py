@@ -12,10 +12,14 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from checkpoint_tools.llama_config import LlamaConfig, check_tensor_parallel
 from nxd_lora import parallel
+from nxd_lora.model.ops import rms_norm, silu_mul
 from nxd_lora.model.rope import RotaryEmbedding, apply_rotary
+
+CHECKPOINTING_MODES = ("none", "mlp", "full")
 
 
 class RMSNorm(nn.Module):
@@ -25,10 +29,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -60,13 +61,16 @@ class Attention(nn.Module):
         v = v.view(batch, seq, self.local_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         groups = self.local_heads // self.local_kv_heads
-        if groups > 1:
+        # Eager kernels read the shared K/V heads in place (no copies kept for backward);
+        # XLA lowers the plain repeated form.
+        native_gqa = groups > 1 and q.device.type != "xla"
+        if groups > 1 and not native_gqa:
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
         if attention_mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=native_gqa)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, enable_gqa=native_gqa)
         out = out.transpose(1, 2).reshape(batch, seq, self.local_heads * self.head_dim)
         return self.o_proj(out)
 
@@ -84,11 +88,17 @@ class MLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm attention + SwiGLU block.
+
+    ``checkpointing`` trades compute for activation memory in training: ``mlp`` keeps only
+    the MLP block's input and recomputes the block (its ``gate_up`` output is the layer's
+    largest activation) in backward; ``full`` does that for the whole layer.
+    """
+
     def __init__(self, config: LlamaConfig, tp_size: int, kv_size_multiplier: int, fuse_qkv: bool,
                  layers: SimpleNamespace, dtype: torch.dtype):
         super().__init__()
@@ -96,10 +106,21 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config, layers, dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.checkpointing = "none"
+
+    def _mlp_block(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.post_attention_layernorm(x))
+
+    def _layer(self, x, cos, sin, attention_mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention_mask)
+        if self.checkpointing == "mlp" and torch.is_grad_enabled():
+            return x + checkpoint(self._mlp_block, x, use_reentrant=False)
+        return x + self._mlp_block(x)
 
     def forward(self, x, cos, sin, attention_mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention_mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        if self.checkpointing == "full" and torch.is_grad_enabled():
+            return checkpoint(self._layer, x, cos, sin, attention_mask, use_reentrant=False)
+        return self._layer(x, cos, sin, attention_mask)
 
 
 class LlamaModel(nn.Module):
@@ -153,27 +174,47 @@ class LlamaForCausalLM(nn.Module):
             config.hidden_size, config.vocab_size, bias=False, gather_output=False, dtype=dtype
         )
         self._cross_entropy = layers.parallel_cross_entropy
+        self._linear_cross_entropy = getattr(layers, "parallel_linear_cross_entropy", None)
         self._gather = layers.gather_from_tensor_model_parallel_region
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """``none`` | ``mlp`` | ``full`` for every decoder layer (see ``DecoderLayer``)."""
+        if mode not in CHECKPOINTING_MODES:
+            raise ValueError(f"activation_checkpointing={mode!r}; expected one of {list(CHECKPOINTING_MODES)}")
+        for layer in self.model.layers:
+            layer.checkpointing = mode
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
-                gather_logits: bool = False, ignore_index: int = -100, reduction: str = "mean"):
+                gather_logits: bool = False, ignore_index: int = -100, reduction: str = "mean",
+                return_logits: bool = True):
         """``document_ids`` (packed rows): tokens attend only within their document.
-        ``reduction="sum"`` returns the summed token loss (for token-weighted accumulation)."""
+        ``reduction="sum"`` returns the summed token loss (for token-weighted accumulation).
+        ``return_logits=False`` (with labels) returns ``(None, loss)`` and, when the backend
+        offers it, computes the loss chunk by chunk without ever holding the logits."""
         attention_mask = None if document_ids is None else document_attention_mask(document_ids)
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         hidden = self.model(input_ids, position_ids, attention_mask)
-        logits = self.lm_head(hidden)
-        loss = None
+        logits = token_loss = None
         if labels is not None:
             shift_labels = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
-            token_loss = self._cross_entropy(logits, shift_labels, ignore_index=ignore_index)
+        fused = (labels is not None and not (return_logits or gather_logits) and self._linear_cross_entropy
+                 is not None and not self.lm_head.weight.requires_grad)
+        if fused:
+            token_loss = self._linear_cross_entropy(hidden, self.lm_head.weight, shift_labels,
+                                                    ignore_index=ignore_index)
+        else:
+            logits = self.lm_head(hidden)
+            if labels is not None:
+                token_loss = self._cross_entropy(logits, shift_labels, ignore_index=ignore_index)
+        loss = None
+        if token_loss is not None:
             loss = token_loss.sum()
             if reduction == "mean":
                 loss = loss / (shift_labels != ignore_index).sum().clamp(min=1)
         if gather_logits:
             logits = self._gather(logits)
-        return logits, loss
+        return (logits if return_logits or gather_logits else None), loss

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from nxd_lora.parallel import state
-from nxd_lora.parallel.mappings import all_reduce_tensor_model_parallel
+from nxd_lora.parallel.mappings import all_reduce_tensor_model_parallel, copy_to_tensor_model_parallel_region
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -49,3 +49,68 @@ def parallel_cross_entropy(
 ) -> torch.Tensor:
     """Per-token cross entropy (fp32) of logits sharded on the last dim over the TP group."""
     return _VocabParallelCrossEntropy.apply(vocab_parallel_logits, target, ignore_index)
+
+
+def _chunk_rows(vocab_per_rank: int, max_elements: int = 2**28) -> int:
+    """Tokens per chunk so one chunk's fp32 logits stay near ``max_elements`` (1 GiB)."""
+    return max(1, max_elements // vocab_per_rank)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Per-token loss of ``hidden @ weight.T`` over a vocabulary-sharded, frozen ``weight``.
+
+    The logits exist one chunk of tokens at a time. Each token's loss depends only on its own
+    hidden state, so the forward also computes d(loss_t)/d(hidden_t) per chunk and backward
+    scales it by the incoming per-token gradient: no logits are kept or recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ignore_index: int,
+                chunk: int):
+        vocab_per_rank = weight.shape[0]
+        start = state.get_tensor_model_parallel_rank() * vocab_per_rank
+        losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        for first in range(0, hidden.shape[0], chunk):
+            rows = slice(first, first + chunk)
+            logits = (hidden[rows] @ weight.t()).float()
+            logits_max = all_reduce_tensor_model_parallel(logits.max(dim=-1).values, op=dist.ReduceOp.MAX)
+            logits.sub_(logits_max.unsqueeze(-1))
+            tgt = target[rows]
+            ignored = tgt == ignore_index
+            outside = (tgt < start) | (tgt >= start + vocab_per_rank) | ignored
+            local_target = (tgt - start).masked_fill(outside, 0).unsqueeze(-1)
+            target_logit = all_reduce_tensor_model_parallel(
+                logits.gather(-1, local_target).squeeze(-1).masked_fill(outside, 0.0))
+            probs = logits.exp_()
+            sum_exp = all_reduce_tensor_model_parallel(probs.sum(dim=-1))
+            losses[rows] = (sum_exp.log() - target_logit).masked_fill(ignored, 0.0)
+            if grad_hidden is not None:
+                probs.div_(sum_exp.unsqueeze(-1))
+                probs.scatter_add_(-1, local_target, -(~outside).to(probs.dtype).unsqueeze(-1))
+                probs.mul_((~ignored).to(probs.dtype).unsqueeze(-1))
+                grad_hidden[rows] = probs.to(hidden.dtype) @ weight
+        ctx.save_for_backward(grad_hidden)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_loss.unsqueeze(-1).to(grad_hidden.dtype), None, None, None, None
+
+
+def parallel_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                                  ignore_index: int = -100, chunk: int | None = None) -> torch.Tensor:
+    """Per-token cross entropy (fp32) of ``hidden @ weight.T`` with ``weight`` this rank's vocabulary
+    shard (a column-parallel ``lm_head``), never holding more than one chunk of logits.
+
+    ``weight`` must be frozen (LoRA never trains the head). The hidden-state gradient is summed
+    over the TP group, as a column-parallel layer's input gradient is.
+    """
+    if weight.requires_grad:
+        raise ValueError("parallel_linear_cross_entropy needs a frozen weight; use lm_head + parallel_cross_entropy")
+    shape = hidden.shape[:-1]
+    hidden = copy_to_tensor_model_parallel_region(hidden).reshape(-1, hidden.shape[-1])
+    losses = _LinearCrossEntropy.apply(hidden, weight, target.reshape(-1), ignore_index,
+                                       chunk or _chunk_rows(weight.shape[0]))
+    return losses.view(shape)

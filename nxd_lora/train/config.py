@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from nxd_lora.lora.config import LoraConfig
+from nxd_lora.model.llama import CHECKPOINTING_MODES
 
 
 @dataclass
@@ -58,6 +59,7 @@ class TrainConfig:
     loggers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])
     rouge: bool = False           # ROUGE of greedy answers on validation prompts (needs rouge-score)
     rouge_max_new_tokens: int = 32
+    activation_checkpointing: str = "none"  # none | mlp | full (recompute in backward to save memory)
 
 
 @dataclass
@@ -141,7 +143,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         raw[section][name] = _parse_value(value)
     recipe = build_recipe(raw, source)
     train = recipe.train
-    for key, allowed in (("schedule", ("cosine", "linear", "constant")),):
+    for key, allowed in (("schedule", ("cosine", "linear", "constant")),
+                         ("activation_checkpointing", CHECKPOINTING_MODES)):
         if getattr(train, key) not in allowed:
             raise ValueError(f"{source}: train.{key}={getattr(train, key)!r}; expected one of {list(allowed)}")
     return recipe

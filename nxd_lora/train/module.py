@@ -70,6 +70,49 @@ def _grad_norm(model: nn.Module) -> torch.Tensor:
     return (replicated + sharded).sqrt()
 
 
+def make_optimizer(params: list[nn.Parameter], train: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the fp32 LoRA parameters: one fused kernel on CUDA; on lazy devices the step
+    counter stays on the device (a non-capturable AdamW reads it back with ``.item()``)."""
+    device = params[0].device.type
+    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay,
+                             capturable=device == "xla", fused=True if device == "cuda" else None)
+
+
+def loss_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Tokens with a label in ``batch``, summed over data-parallel replicas (at least 1)."""
+    tokens = (batch["labels"][:, 1:] != -100).sum().float()
+    dp_group = state.get_data_parallel_group()
+    if dp_group is not None:
+        dist.all_reduce(tokens, group=dp_group)
+    return tokens.clamp(min=1)
+
+
+def accumulate_gradients(model: nn.Module, batch: dict[str, torch.Tensor], micro_batch_size: int,
+                         tokens: torch.Tensor, backward=torch.Tensor.backward) -> torch.Tensor:
+    """Forward and backward over the micro-batches of ``batch``; gradients are of the token-mean
+    loss over ``tokens``. Returns the summed token loss (detached, this rank's data)."""
+    loss_sum = torch.zeros((), device=tokens.device)
+    for start in range(0, batch["input_ids"].shape[0], micro_batch_size):
+        part = {k: v[start:start + micro_batch_size] for k, v in batch.items()}
+        _, loss = model(part["input_ids"], labels=part["labels"], position_ids=part.get("position_ids"),
+                        document_ids=part.get("document_ids"), reduction="sum", return_logits=False)
+        backward(loss / tokens)
+        loss_sum += loss.detach()
+    return loss_sum
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Scale LoRA gradients to a global norm of at most ``max_norm`` (0: no clipping); returns
+    the norm before clipping. No host sync: the scale is computed on the device."""
+    grad_norm = _grad_norm(model)
+    if max_norm > 0:
+        scale = (max_norm / (grad_norm + 1e-6)).clamp(max=1.0)
+        for param in lora_parameters(model):
+            if param.grad is not None:
+                param.grad.mul_(scale)
+    return grad_norm
+
+
 class LoraModule(L.LightningModule):
     def __init__(self, model: nn.Module, train: TrainConfig, start_step: int = 0, on_step_end=None,
                  resume_states: tuple[dict, dict] | None = None):
@@ -86,38 +129,21 @@ class LoraModule(L.LightningModule):
             self.lr_schedulers().load_state_dict(scheduler_state)
 
     def configure_optimizers(self):
-        params = lora_parameters(self.model)
-        # On lazy devices the step counter must stay on the device: a non-capturable AdamW reads
-        # it back to the host (``.item()``) every step.
-        optimizer = torch.optim.AdamW(params, lr=self.train_cfg.lr, weight_decay=self.train_cfg.weight_decay,
-                                      capturable=params[0].device.type == "xla")
+        optimizer = make_optimizer(lora_parameters(self.model), self.train_cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.train_cfg))
         return [optimizer], [scheduler]
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        mb = self.train_cfg.micro_batch_size
-        tokens = (batch["labels"][:, 1:] != -100).sum().float()
+        tokens = loss_tokens(batch)
+        loss_sum = accumulate_gradients(self.model, batch, self.train_cfg.micro_batch_size, tokens,
+                                        self.manual_backward)
         dp_group = state.get_data_parallel_group()
-        if dp_group is not None:
-            dist.all_reduce(tokens, group=dp_group)
-        tokens = tokens.clamp(min=1)
-        loss_sum = torch.zeros((), device=tokens.device)
-        for start in range(0, batch["input_ids"].shape[0], mb):
-            part = {k: v[start:start + mb] for k, v in batch.items()}
-            _, loss = self.model(part["input_ids"], labels=part["labels"], position_ids=part["position_ids"],
-                                 document_ids=part["document_ids"], reduction="sum")
-            self.manual_backward(loss / tokens)
-            loss_sum += loss.detach()
         if dp_group is not None:
             dist.all_reduce(loss_sum, group=dp_group)
             for param in lora_parameters(self.model):
                 dist.all_reduce(param.grad, group=dp_group)
-        grad_norm = _grad_norm(self.model)
-        if self.train_cfg.grad_clip > 0:
-            scale = (self.train_cfg.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)
-            for param in lora_parameters(self.model):
-                param.grad.mul_(scale)
+        grad_norm = clip_gradients(self.model, self.train_cfg.grad_clip)
         mean_loss = loss_sum / tokens
         self.step_count += 1
         log_now = self.step_count % max(1, self.train_cfg.log_every) == 0

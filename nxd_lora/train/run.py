@@ -50,7 +50,7 @@ def evaluate(model, rows: list[dict[str, torch.Tensor]], device) -> dict[str, fl
     for row in rows:
         batch = {k: v[None].to(device) for k, v in row.items()}
         _, loss = model(batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"],
-                        document_ids=batch["document_ids"], reduction="sum")
+                        document_ids=batch["document_ids"], reduction="sum", return_logits=False)
         total += loss.item()
         tokens += int((row["labels"][1:] != -100).sum())
     model.train(was_training)
@@ -81,6 +81,7 @@ def train(recipe: Recipe) -> dict:
         base = load_tensors(rank_path(base_tag, backend.tp_rank))
         model = build_model(config, backend, base, recipe.lora, fuse_qkv=manifest["fuse_qkv"], dtype=dtype,
                             seed=cfg.seed)
+        model.set_activation_checkpointing(cfg.activation_checkpointing)
         del base
         _say(backend, f"backend={backend.name} world={backend.world_size} tp={cfg.tp} "
                       f"kv_size_multiplier={model.kv_size_multiplier}; {describe_trainable(model)}")

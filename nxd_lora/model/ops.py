@@ -1,0 +1,68 @@
+"""Memory-lean autograd functions for the two element-wise blocks of a Llama layer.
+
+Plain eager PyTorch keeps several intermediates of these blocks alive for backward: an
+fp32 copy of the input and the normalised activations for RMSNorm, and both ``silu(gate)``
+and the ``gate``/``up`` halves for SwiGLU. In LoRA training the base weights are frozen, so
+those intermediates are a large share of activation memory. These functions save only
+their input (plus RMSNorm's per-token ``rstd``) and recompute the rest in backward, which
+is cheap element-wise work. Forward results are bit-identical to the plain formulas.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """At least fp32 (float64 stays float64, for gradcheck)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x32 = _upcast(x)
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (x32 * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        normed = _upcast(x) * rstd
+        grad_normed = _upcast(grad * weight)
+        grad_x = rstd * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = _upcast(grad * normed.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0)
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_x.to(x.dtype), grad_weight, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * (x / rms(x))`` computed in fp32 and cast back, as Hugging Face's LlamaRMSNorm."""
+    return _RMSNorm.apply(x, weight, eps)
+
+
+class _SiluMul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (gate_up,) = ctx.saved_tensors
+        gate, up = _upcast(gate_up).chunk(2, dim=-1)
+        grad = _upcast(grad)
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        grad_gate = grad * up * sig * (1 + gate * (1 - sig))
+        return torch.cat([grad_gate, grad * silu], dim=-1).to(gate_up.dtype)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's ``silu(gate) * up`` for ``gate_up = [gate | up]`` on the last dim."""
+    return _SiluMul.apply(gate_up)

@@ -1,0 +1,59 @@
+"""The memory-lean RMSNorm and SwiGLU functions against their plain formulas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nxd_lora.model.ops import rms_norm, silu_mul
+
+
+def _plain_rms_norm(x, weight, eps):
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def test_gradients_pass_gradcheck_in_float64():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(8, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, w: rms_norm(a, w, 1e-5), (x, weight))
+    gate_up = torch.randn(3, 5, 12, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(silu_mul, (gate_up,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_is_the_plain_formula_and_backward_matches_autograd(dtype):
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(2, 7, 16, generator=gen) * 3).to(dtype).requires_grad_()
+    weight = torch.rand(16, generator=gen).to(dtype)
+    grad = torch.randn(2, 7, 16, generator=gen).to(dtype)
+    out = rms_norm(x, weight, 1e-6)
+    ref_x = x.detach().clone().requires_grad_()
+    ref = _plain_rms_norm(ref_x, weight, 1e-6)
+    assert torch.equal(out, ref)
+    (g,) = torch.autograd.grad(out, x, grad)
+    (ref_g,) = torch.autograd.grad(ref, ref_x, grad)
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(g, ref_g, atol=tol, rtol=tol)
+
+    gate_up = torch.randn(2, 7, 32, generator=gen).to(dtype).requires_grad_()
+    ref_in = gate_up.detach().clone().requires_grad_()
+    gate, up = ref_in.chunk(2, dim=-1)
+    out, ref = silu_mul(gate_up), F.silu(gate) * up
+    assert torch.equal(out, ref)
+    grad = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, gate_up, grad)[0], torch.autograd.grad(ref, ref_in, grad)[0],
+                               atol=tol, rtol=tol)
+
+
+def test_only_the_input_is_kept_for_backward():
+    """What makes these functions lean: one saved tensor the size of the input (plus rstd)."""
+    x = torch.randn(4, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        rms_norm(x, torch.ones(64), 1e-6)
+        silu_mul(x)
+    big = [t for t in saved if t.numel() == x.numel()]
+    assert len(big) == 2 and all(t.data_ptr() == x.data_ptr() for t in big)
