@@ -28,19 +28,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SHAPES = {
-    "llama3.2-1b": dict(
-        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072,
-        tie_word_embeddings=True, rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
-                                                    high_freq_factor=4.0, original_max_position_embeddings=8192),
-    ),
-    "llama3-8b": dict(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192,
-        tie_word_embeddings=False,
-    ),
-}
+def _shape(name: str) -> dict:
+    """HF config fields of a public Llama architecture (nxd_lora.model.presets)."""
+    sys.path.insert(0, str(ROOT))
+    from nxd_lora.model.presets import PRESETS
+
+    return PRESETS[name]
+
 
 # name: (shape, seq_len, micro_batch, activation checkpointing for ours, checkpointing for HF)
 CASES = {
@@ -88,7 +82,7 @@ def _ours(shape: dict, seq: int, mbs: int, checkpointing: str):
     batch = {"input_ids": ids, "labels": ids}
 
     def step():
-        tokens = loss_tokens(batch)
+        tokens = loss_tokens(batch, model.parallel_state)
         loss = accumulate_gradients(model, batch, mbs, tokens) / tokens
         clip_gradients(model, train.grad_clip)
         optimizer.step()
@@ -132,7 +126,7 @@ def run_one(impl: str, case: str, steps: int, warmup: int) -> dict:
     import torch
 
     shape_name, seq, mbs, ours_ckpt, hf_ckpt = CASES[case]
-    shape = SHAPES[shape_name]
+    shape = _shape(shape_name)
     result = dict(impl=impl, case=case, shape=shape_name, seq=seq, micro_batch=mbs,
                   checkpointing=ours_ckpt if impl == "ours" else ("full" if hf_ckpt else "none"),
                   device=torch.cuda.get_device_name(), torch=torch.__version__)

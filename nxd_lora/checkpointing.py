@@ -34,7 +34,6 @@ from nxd_lora.backends.base import Backend
 from nxd_lora.lora.config import LoraConfig
 from nxd_lora.lora.layers import LoraLayer
 from nxd_lora.lora.model import lora_state_dict
-from nxd_lora.parallel import state as parallel_state
 
 SAVE_MODES = {"adapter": (False, False), "base+adapter": (True, False), "merged": (True, True)}
 
@@ -92,7 +91,7 @@ def save_lora_checkpoint(model: nn.Module, backend: Backend, root: str | Path, t
         mark_started(staging)
     backend.barrier()
     state = rank_state_for_mode(model, mode)
-    if parallel_state.get_data_parallel_rank() == 0:
+    if model.parallel_state.get_data_parallel_rank() == 0:
         path = rank_path(staging, backend.tp_rank)
         write_json(path.with_suffix(".pt.json"), save_rank_file(state, path))
         if optimizer is not None:

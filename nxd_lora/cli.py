@@ -64,6 +64,41 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from nxd_lora.doctor import default_backend, findings_json, report
+
+    backend = args.backend or default_backend()
+    text, findings = report(backend)
+    print(findings_json(findings) if args.json else text)
+    return 1 if any(not f.ok for f in findings) else 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from nxd_lora.plan import check_parallel_layout, check_plan_fits, plan_recipe, recipe_model_config
+    from nxd_lora.train.config import load_recipe
+
+    recipe = load_recipe(args.config, args.overrides)
+    source = args.config or "defaults"
+    config, where = recipe_model_config(recipe)
+    if args.world_size:
+        dp = check_parallel_layout(recipe.train, args.world_size, source)
+        print(f"layout: world size {args.world_size} = tp {recipe.train.tp} x dp {dp}")
+    plan = plan_recipe(recipe, args.device)
+    print(f"model: {where} ({config.num_hidden_layers} layers, hidden {config.hidden_size}); "
+          f"seq_len {recipe.data.seq_len}, micro_batch_size {recipe.train.micro_batch_size}, "
+          f"activation_checkpointing {recipe.train.activation_checkpointing}, LoRA r={recipe.lora.lora_rank} on "
+          f"{recipe.lora.target_modules}")
+    print(plan.report())
+    check_plan_fits(plan, source)
+    return 0
+
+
+def _sagemaker(args: argparse.Namespace) -> int:
+    from nxd_lora.sagemaker.command import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nxd-lora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +143,27 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=50")
     train.set_defaults(func=_train)
 
+    doctor = sub.add_parser("doctor", help="the software stack, NeuronCores and host memory; names every mismatch "
+                                           "with the stack nxd-lora needs (Neuron SDK 2.28, PyTorch 2.9)")
+    doctor.add_argument("--backend", choices=["cpu", "cuda", "neuron", "xla"],
+                        help="backend to check for (default: neuron where Neuron is installed, else cuda/cpu)")
+    doctor.add_argument("--json", action="store_true", help="findings as JSON")
+    doctor.set_defaults(func=_doctor)
+
+    plan = sub.add_parser("plan", help="device memory per NeuronCore/GPU for a recipe; refuses one that cannot fit")
+    plan.add_argument("config", help="YAML recipe (configs/*.yaml)")
+    plan.add_argument("overrides", nargs="*", help="section.key=value, as for train")
+    plan.add_argument("--device", choices=["trn1", "trn2", "h100", "h200"],
+                      help="memory per rank of this device (default: trn1 for neuron recipes)")
+    plan.add_argument("--world-size", type=int, help="also check train.tp x train.dp against this many ranks")
+    plan.set_defaults(func=_plan)
+
+    sagemaker = sub.add_parser("sagemaker", help="SageMaker training jobs on trn1/trn2 (boto3): submit, logs")
+    from nxd_lora.sagemaker.command import add_commands
+
+    add_commands(sagemaker)
+    sagemaker.set_defaults(func=_sagemaker)
+
     inspect = sub.add_parser("inspect", help="describe a checkpoint (any supported format); --verify checks sha256")
     inspect.add_argument("path")
     inspect.add_argument("--verify", action="store_true", help="recompute sizes and sha256 against the manifest")
@@ -116,10 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from nxd_lora.backends.base import BackendUnavailable
+    from nxd_lora.doctor import StackMismatch
+    from nxd_lora.sagemaker.submit import SubmitError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError, NotImplementedError) as err:
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, NotImplementedError, BackendUnavailable,
+            StackMismatch, SubmitError) as err:
         print(f"nxd-lora {args.command}: error: {err}", file=sys.stderr)
         return 2
 

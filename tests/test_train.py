@@ -122,3 +122,10 @@ def test_cli_train_flags_reach_the_recipe(monkeypatch):
     assert main(["train", "--resume", "auto", "train.max_steps=3"]) == 0
     assert (seen["recipe"].train.resume, seen["recipe"].train.max_steps) == ("auto", 3)
     assert main(["train", "train.nope=1"]) == 2
+
+
+def test_under_neuron_parallel_compile_a_few_steps_run_and_nothing_is_saved(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("NEURON_EXTRACT_GRAPHS_ONLY", "1")  # what the tool sets for the job it runs
+    result = spawn_ranks(_train, 2, _overrides(tiny, tmp_path, "train.max_steps=50", "train.save_every=1"))[0]
+    assert result["steps"] == 3 and result["saved"] == {}
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "final").exists()

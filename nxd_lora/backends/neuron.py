@@ -1,20 +1,58 @@
-"""Trainium backend: torch-neuronx, torch-xla and neuronx-distributed (NxD).
+"""Trainium backend: torch-neuronx, torch-xla and neuronx-distributed (NxD), Neuron SDK 2.28.
 
 Every import of ``torch_neuronx`` and ``neuronx_distributed`` in the project lives in this
 module, and happens only when the backend is constructed, so everything else imports on a
-machine without them. The training path itself lands with the Trainium issue; until then
-constructing the backend checks the stack and says what is missing.
+machine without them.
+
+The layer is thin on purpose: the model, the LoRA wrappers and the trainer are the ones
+every backend runs; this backend hands them NxD's classes instead of our eager ones:
+
+* process groups: ``torch.distributed`` with torch-xla's ``xla`` backend (torchrun's env),
+  then ``parallel_state.initialize_model_parallel``; NxD's GQA layer builds its kv-shared
+  groups itself from ``kv_size_multiplier``;
+* layers: NxD's ``ParallelEmbedding``, ``ColumnParallelLinear``, ``RowParallelLinear``,
+  ``GQAQKVColumnParallelLinear`` and ``gather_from_tensor_model_parallel_region``, whose
+  constructor arguments, parameter names and shard layout ours mirror;
+* loss: NxD's ``parallel_cross_entropy``, which has no ``ignore_index`` and shifts the
+  logits it is given in place, behind an adapter that does both right;
+* LoRA: our wrappers over NxD's layers. They produce NxD ``modules.lora``'s keys and
+  sharding (``merge_sharded_lora=False``), and avoid three things NxD's ``LoraModel`` does
+  on save: flipping ``save_lora_base``/``merge_lora`` off in place, writing
+  ``adapter_config.json`` relative to the working directory, and a reload path that
+  misses the ``model/`` folder its own save writes;
+* the step: the lazy-tensor loop of the ``xla`` backend (``torch_xla.sync()`` per step),
+  with Lightning on a single-device strategy per rank in place of ``NeuronXLAStrategy``.
+
+Checkpoints are plain ``torch.save`` rank files in NxD's layout (``nxd.load_checkpoint``
+reads them); NxD's xser format is not written.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
 
 from nxd_lora.backends.base import BackendUnavailable
+from nxd_lora.backends.xla import XlaBackend
 
 NEURON_PIP_REPOSITORY = "https://pip.repos.neuron.amazonaws.com"
 NEURON_SDK = "2.28"
 NEURON_TORCH = "2.9"
+
+# Where each name of the layer namespace lives in neuronx_distributed (NxD 0.17, SDK 2.28).
+NXD_NAMES = {
+    "ParallelEmbedding": "neuronx_distributed.parallel_layers.layers",
+    "ColumnParallelLinear": "neuronx_distributed.parallel_layers.layers",
+    "RowParallelLinear": "neuronx_distributed.parallel_layers.layers",
+    "GQAQKVColumnParallelLinear": "neuronx_distributed.modules.qkv_linear",
+    "parallel_cross_entropy": "neuronx_distributed.parallel_layers.loss_functions",
+    "gather_from_tensor_model_parallel_region": "neuronx_distributed.parallel_layers.mappings",
+}
+PARALLEL_STATE = "neuronx_distributed.parallel_layers.parallel_state"
 
 
 def import_neuron_stack() -> tuple[object, object]:
@@ -35,12 +73,77 @@ def import_neuron_stack() -> tuple[object, object]:
     return modules[0], modules[1]
 
 
-class NeuronBackend:
+def masked_cross_entropy(nxd_parallel_cross_entropy):
+    """Our ``parallel_cross_entropy(logits, target, ignore_index)`` over NxD's.
+
+    NxD's takes fp32 logits it may modify (it subtracts the row max in place) and has no
+    ``ignore_index``: ignored targets are sent as token 0 and their loss is zeroed.
+    """
+
+    def parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        ignored = target == ignore_index
+        losses = nxd_parallel_cross_entropy(logits.float().clone(), target.masked_fill(ignored, 0))
+        return losses.masked_fill(ignored, 0.0)
+
+    return parallel_cross_entropy
+
+
+class NeuronBackend(XlaBackend):
     name = "neuron"
+    pjrt_device = None  # torch-neuronx registers the Neuron PJRT plugin
 
     def __init__(self) -> None:
         self.torch_neuronx, self.nxd = import_neuron_stack()
-        raise BackendUnavailable(
-            "backend 'neuron': the Neuron stack imports, but the NxD training path is not implemented yet "
-            "in this version of nxd-lora; use backend 'cpu' or 'cuda'"
-        )
+        super().__init__()
+        importlib.import_module("torch_xla.distributed.xla_backend")  # registers dist backend "xla"
+        self.xm = importlib.import_module("torch_xla.core.xla_model")
+        self.parallel_state = importlib.import_module(PARALLEL_STATE)
+        names = {name: getattr(importlib.import_module(module), name) for name, module in NXD_NAMES.items()}
+        names["parallel_cross_entropy"] = masked_cross_entropy(names["parallel_cross_entropy"])
+        self._layers = SimpleNamespace(**names, state=self.parallel_state)
+
+    def setup(self, tp_size: int, kv_size_multiplier: int = 1) -> None:
+        """Join torchrun's process group over the xla backend and build NxD's TP/DP groups.
+
+        ``kv_size_multiplier`` needs no set-up here: NxD's GQA layer creates the kv-shared
+        groups when the model is built.
+        """
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world % tp_size:
+            raise ValueError(f"tp={tp_size} does not divide the world size {world} (WORLD_SIZE from the launcher)")
+        if not dist.is_initialized():
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # one process without torchrun
+            os.environ.setdefault("MASTER_PORT", "29500")
+            dist.init_process_group("xla", init_method="xla://")
+        self.parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size)
+
+    @property
+    def layers(self) -> SimpleNamespace:
+        return self._layers
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size() if dist.is_initialized() else 1
+
+    @property
+    def tp_rank(self) -> int:
+        return self.parallel_state.get_tensor_model_parallel_rank()
+
+    @property
+    def tp_size(self) -> int:
+        return self.parallel_state.get_tensor_model_parallel_size()
+
+    def barrier(self) -> None:
+        self.xm.rendezvous("nxd-lora")
+
+    def teardown(self) -> None:
+        self.parallel_state.destroy_model_parallel()
+        destroy_kv_group = getattr(self.parallel_state, "destroy_kv_group", None)
+        if destroy_kv_group is not None:  # destroy_model_parallel leaves the kv-shared group
+            destroy_kv_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()

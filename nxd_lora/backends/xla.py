@@ -21,9 +21,11 @@ from nxd_lora.parallel import state
 
 class XlaBackend(Backend):
     name = "xla"
+    pjrt_device: str | None = "CPU"  # None: leave it to the runtime's plugin (torch-neuronx)
 
     def __init__(self) -> None:
-        os.environ.setdefault("PJRT_DEVICE", "CPU")
+        if self.pjrt_device:
+            os.environ.setdefault("PJRT_DEVICE", self.pjrt_device)
         try:
             self.torch_xla = importlib.import_module("torch_xla")
             self.metrics = importlib.import_module("torch_xla.debug.metrics")

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from nxd_lora.lora.config import LoraConfig
-from nxd_lora.parallel import state
 
 
 def _init_lora_a(shape: tuple[int, int], config: LoraConfig, seed: int) -> torch.Tensor:
@@ -97,7 +96,7 @@ class LoraRowParallelLinear(LoraLayer):
         )
         local = self.lora_A.weight.shape[1]
         full = _init_lora_a((r, base_layer.input_size), config, seed)
-        self.lora_A.weight.data.copy_(full[:, state.get_tensor_model_parallel_rank() * local :][:, :local])
+        self.lora_A.weight.data.copy_(full[:, layers.state.get_tensor_model_parallel_rank() * local :][:, :local])
         self.lora_B = nn.Linear(r, base_layer.output_size, bias=False, dtype=torch.float32)
         nn.init.zeros_(self.lora_B.weight)
 

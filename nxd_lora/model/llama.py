@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint as eager_checkpoint
 
 from checkpoint_tools.llama_config import LlamaConfig, check_tensor_parallel
 from nxd_lora import parallel
@@ -20,6 +20,21 @@ from nxd_lora.model.ops import rms_norm, silu_mul
 from nxd_lora.model.rope import RotaryEmbedding, apply_rotary
 
 CHECKPOINTING_MODES = ("none", "mlp", "full")
+
+
+def checkpoint(function, *args):
+    """Recompute ``function`` in backward. On XLA devices torch_xla's version, whose optimization
+    barrier keeps the compiler from merging the recomputation back into the forward (which would
+    keep the activations after all). It is reentrant only, and a reentrant checkpoint passes
+    gradients only through inputs that require them: the first layer's input (the frozen
+    embedding's output) is made to, as nothing upstream of it needs a gradient."""
+    if args[0].device.type == "xla":
+        from torch_xla.utils.checkpoint import checkpoint as xla_checkpoint
+
+        if not args[0].requires_grad:
+            args = (args[0].detach().requires_grad_(), *args[1:])
+        return xla_checkpoint(function, *args, use_reentrant=True)
+    return eager_checkpoint(function, *args, use_reentrant=False)
 
 
 class RMSNorm(nn.Module):
@@ -114,12 +129,12 @@ class DecoderLayer(nn.Module):
     def _layer(self, x, cos, sin, attention_mask):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention_mask)
         if self.checkpointing == "mlp" and torch.is_grad_enabled():
-            return x + checkpoint(self._mlp_block, x, use_reentrant=False)
+            return x + checkpoint(self._mlp_block, x)
         return x + self._mlp_block(x)
 
     def forward(self, x, cos, sin, attention_mask):
         if self.checkpointing == "full" and torch.is_grad_enabled():
-            return checkpoint(self._layer, x, cos, sin, attention_mask, use_reentrant=False)
+            return checkpoint(self._layer, x, cos, sin, attention_mask)
         return self._layer(x, cos, sin, attention_mask)
 
 
@@ -169,6 +184,7 @@ class LlamaForCausalLM(nn.Module):
         if tp_size != initialised_tp:
             raise ValueError(f"tp_size={tp_size}, but the process groups were initialised with tp={initialised_tp}")
         self.config, self.tp_size, self.fuse_qkv = config, tp_size, fuse_qkv
+        self.parallel_state = layers.state  # the backend's process groups (ours, or NxD's parallel_state)
         self.model = LlamaModel(config, tp_size, self.kv_size_multiplier, fuse_qkv, layers, dtype)
         self.lm_head = layers.ColumnParallelLinear(
             config.hidden_size, config.vocab_size, bias=False, gather_output=False, dtype=dtype

@@ -51,8 +51,11 @@ def parallel_cross_entropy(
     return _VocabParallelCrossEntropy.apply(vocab_parallel_logits, target, ignore_index)
 
 
-def _chunk_rows(vocab_per_rank: int, max_elements: int = 2**28) -> int:
-    """Tokens per chunk so one chunk's fp32 logits stay near ``max_elements`` (1 GiB)."""
+CHUNK_ELEMENTS = 2**28  # fp32 logits of one chunk: 1 GiB
+
+
+def _chunk_rows(vocab_per_rank: int, max_elements: int = CHUNK_ELEMENTS) -> int:
+    """Tokens per chunk so one chunk's fp32 logits stay near ``max_elements``."""
     return max(1, max_elements // vocab_per_rank)
 
 

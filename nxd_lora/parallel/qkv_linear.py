@@ -44,10 +44,10 @@ class GQAQKVColumnParallelLinear(nn.Module):
             )
         self.input_size, self.output_sizes = input_size, list(output_sizes)
         self.kv_size_multiplier, self.fuse_qkv, self.gather_output = kv_size_multiplier, fuse_qkv, gather_output
-        self.q_rows = _divide(output_sizes[0], tp, "output_sizes[0] (query rows)")
-        self.kv_rows = _divide(output_sizes[1] * kv_size_multiplier, tp, "output_sizes[1] x kv_size_multiplier")
+        self.q_output_size_per_partition = _divide(output_sizes[0], tp, "output_sizes[0] (query rows)")
+        self.kv_output_size_per_partition = _divide(output_sizes[1] * kv_size_multiplier, tp, "output_sizes[1] x kv_size_multiplier")
         init = init_method or _default_init
-        shapes = {"q": self.q_rows, "k": self.kv_rows, "v": self.kv_rows}
+        shapes = dict(zip("qkv", self._splits()))
         if fuse_qkv:
             self.weight_qkv = nn.Parameter(torch.empty(sum(shapes.values()), input_size, dtype=dtype, device=device))
             for part in self.weight_qkv.data.split(list(shapes.values())):
@@ -58,10 +58,14 @@ class GQAQKVColumnParallelLinear(nn.Module):
                 init(weight)
                 self.register_parameter(f"weight_{name}", weight)
 
+    def _splits(self) -> list[int]:
+        """Local rows of q, k and v (attribute names as NxD's layer has them)."""
+        return [self.q_output_size_per_partition] + [self.kv_output_size_per_partition] * 2
+
     def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The local (q, k, v) weights, with K/V gradients summed over their replicas."""
         if self.fuse_qkv:
-            q, k, v = self.weight_qkv.split([self.q_rows, self.kv_rows, self.kv_rows])
+            q, k, v = self.weight_qkv.split(self._splits())
         else:
             q, k, v = self.weight_q, self.weight_k, self.weight_v
         if self.kv_size_multiplier > 1:
@@ -70,8 +74,10 @@ class GQAQKVColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = mappings.copy_to_tensor_model_parallel_region(x)
-        q, k, v = self.weights()
-        outputs = F.linear(x, torch.cat([q, k, v])).split([self.q_rows, self.kv_rows, self.kv_rows], dim=-1)
+        if self.fuse_qkv and self.kv_size_multiplier == 1:
+            outputs = F.linear(x, self.weight_qkv).split(self._splits(), dim=-1)
+        else:  # one matmul per weight: concatenating them would keep a copy of all three for backward
+            outputs = [F.linear(x, weight) for weight in self.weights()]
         if self.gather_output:
             outputs = [mappings.gather_from_tensor_model_parallel_region(o) for o in outputs]
         return tuple(outputs)

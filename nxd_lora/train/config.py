@@ -6,6 +6,7 @@ a default.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 import typing
@@ -22,6 +23,8 @@ class ModelConfig:
     checkpoint: str = ""          # a converted NxD base checkpoint (nxd-lora convert)
     tokenizer: str = ""           # tokenizer.json / tokenizer.model file or directory
     dtype: str = "float32"        # float32 or bfloat16 base weights
+    architecture: str = ""        # preset (llama3-8b...) or config.json: sizes `nxd-lora plan` before
+                                  # conversion; train checks the checkpoint has this architecture
 
 
 @dataclass
@@ -40,6 +43,7 @@ class DataConfig:
 class TrainConfig:
     backend: str = "cpu"
     tp: int = 1
+    dp: int = 0                   # data-parallel replicas; 0: world size // tp (else checked against it)
     max_steps: int = 100
     micro_batch_size: int = 1
     grad_accum: int = 1
@@ -121,6 +125,15 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     raise ValueError(f"{where}: expected {hint.__name__}, got {value!r}")
 
 
+def _expand_home(recipe: Recipe) -> None:
+    """``~/...`` in the path fields means the home directory, as in a shell."""
+    for section, name in (("model", "checkpoint"), ("model", "tokenizer"), ("model", "architecture"),
+                          ("train", "output_dir"), ("train", "resume")):
+        obj = getattr(recipe, section)
+        setattr(obj, name, os.path.expanduser(getattr(obj, name)))
+    recipe.data.train_files = [os.path.expanduser(f) for f in recipe.data.train_files]
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     """Read a YAML recipe (or start from the defaults) and apply ``section.key=value`` overrides."""
     raw: dict[str, Any] = {}
@@ -142,6 +155,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
             raise ValueError(f"override {item!r}: section '{section}' is not a mapping")
         raw[section][name] = _parse_value(value)
     recipe = build_recipe(raw, source)
+    _expand_home(recipe)
     train = recipe.train
     for key, allowed in (("schedule", ("cosine", "linear", "constant")),
                          ("activation_checkpointing", CHECKPOINTING_MODES)):

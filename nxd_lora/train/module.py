@@ -17,7 +17,6 @@ from torch import nn
 
 from nxd_lora.lora.layers import LoraLayer
 from nxd_lora.lora.model import lora_parameters
-from nxd_lora.parallel import state
 from nxd_lora.train.config import TrainConfig
 
 
@@ -60,14 +59,21 @@ def _grad_norm(model: nn.Module) -> torch.Tensor:
                 elif name in ("weight_k", "weight_v"):
                     sharded += sq / part.kv_size_multiplier
                 elif name == "weight_qkv":
-                    q, k, v = param.grad.float().split([part.q_rows, part.kv_rows, part.kv_rows])
+                    kv = part.kv_output_size_per_partition  # NxD's attribute names, on every backend
+                    q, k, v = param.grad.float().split([part.q_output_size_per_partition, kv, kv])
                     sharded += q.pow(2).sum() + (k.pow(2).sum() + v.pow(2).sum()) / part.kv_size_multiplier
                 else:
                     sharded += sq
-    group = state.get_tensor_model_parallel_group()
-    if group is not None:
-        dist.all_reduce(sharded, group=group)
+    parallel_state = model.parallel_state
+    if parallel_state.get_tensor_model_parallel_size() > 1:
+        dist.all_reduce(sharded, group=parallel_state.get_tensor_model_parallel_group())
     return (replicated + sharded).sqrt()
+
+
+def all_reduce_data_parallel(tensor: torch.Tensor, parallel_state) -> None:
+    """Sum ``tensor`` over the data-parallel replicas (nothing to do with one replica)."""
+    if parallel_state.get_data_parallel_size() > 1:
+        dist.all_reduce(tensor, group=parallel_state.get_data_parallel_group())
 
 
 def make_optimizer(params: list[nn.Parameter], train: TrainConfig) -> torch.optim.AdamW:
@@ -78,12 +84,10 @@ def make_optimizer(params: list[nn.Parameter], train: TrainConfig) -> torch.opti
                              capturable=device == "xla", fused=True if device == "cuda" else None)
 
 
-def loss_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def loss_tokens(batch: dict[str, torch.Tensor], parallel_state) -> torch.Tensor:
     """Tokens with a label in ``batch``, summed over data-parallel replicas (at least 1)."""
     tokens = (batch["labels"][:, 1:] != -100).sum().float()
-    dp_group = state.get_data_parallel_group()
-    if dp_group is not None:
-        dist.all_reduce(tokens, group=dp_group)
+    all_reduce_data_parallel(tokens, parallel_state)
     return tokens.clamp(min=1)
 
 
@@ -135,14 +139,12 @@ class LoraModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        tokens = loss_tokens(batch)
+        parallel_state = self.model.parallel_state
+        tokens = loss_tokens(batch, parallel_state)
         loss_sum = accumulate_gradients(self.model, batch, self.train_cfg.micro_batch_size, tokens,
                                         self.manual_backward)
-        dp_group = state.get_data_parallel_group()
-        if dp_group is not None:
-            dist.all_reduce(loss_sum, group=dp_group)
-            for param in lora_parameters(self.model):
-                dist.all_reduce(param.grad, group=dp_group)
+        for tensor in [loss_sum] + [param.grad for param in lora_parameters(self.model)]:
+            all_reduce_data_parallel(tensor, parallel_state)
         grad_norm = clip_gradients(self.model, self.train_cfg.grad_clip)
         mean_loss = loss_sum / tokens
         self.step_count += 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -18,13 +20,19 @@ from checkpoint_tools.export import export_peft
 from checkpoint_tools.nxd_format import BASE_TAG, check_manifest, manifest_config, rank_path
 from nxd_lora.backends import get_backend
 from nxd_lora.checkpointing import SAVE_MODES, save_lora_checkpoint
+from nxd_lora.doctor import check_stack
 from nxd_lora.lora.model import describe_trainable, load_lora_state_dict
 from nxd_lora.model.builder import build_model
-from nxd_lora.parallel import state
+from nxd_lora.plan import (check_architecture, check_parallel_layout, check_plan_fits, plan_recipe,
+                            recipe_model_config)
 from nxd_lora.tokenizer import load_tokenizer
 from nxd_lora.train.config import Recipe
 from nxd_lora.train.data import StepBatches, build_rows
 from nxd_lora.train.module import LoraModule
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def _say(backend, message: str) -> None:
@@ -58,16 +66,33 @@ def evaluate(model, rows: list[dict[str, torch.Tensor]], device) -> dict[str, fl
     return {"val/loss": mean, "val/perplexity": math.exp(min(mean, 50.0))}
 
 
+PRECOMPILE_STEPS = 3  # under neuron_parallel_compile: enough to trace warm-up and steady-state graphs
+
+
+def precompiling() -> bool:
+    """True under ``neuron_parallel_compile``, which runs the job only to collect its graphs
+    (every tensor it computes is zeros): a few steps, no checkpoints, no exports."""
+    return os.environ.get("NEURON_EXTRACT_GRAPHS_ONLY", "") not in ("", "0")
+
+
 def train(recipe: Recipe) -> dict:
     """Run one training job on this rank (under torchrun, every rank calls it). Returns a summary."""
     cfg = recipe.train
     check_save_modes(cfg.save_modes)
+    check_stack(cfg.backend, warn=lambda message: print(message, file=sys.stderr) if _local_rank() == 0 else None)
     if not recipe.model.checkpoint:
         raise ValueError("model.checkpoint is required (a directory written by 'nxd-lora convert')")
     base_tag = Path(recipe.model.checkpoint) / BASE_TAG
     manifest = check_manifest(base_tag, tp=cfg.tp)
     config = manifest_config(manifest, base_tag)
+    if recipe.model.architecture:
+        check_architecture(recipe_model_config(replace(recipe, model=replace(recipe.model, checkpoint="")))[0],
+                           config, f"model.architecture={recipe.model.architecture!r} vs {base_tag}")
+    check_parallel_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    if cfg.backend == "neuron":
+        check_plan_fits(plan_recipe(recipe), "nxd-lora train")
     out = Path(cfg.output_dir)
+    precompile = precompiling()
     backend = get_backend(cfg.backend)
     backend.setup(cfg.tp, manifest["kv_size_multiplier"])
     try:
@@ -119,7 +144,7 @@ def train(recipe: Recipe) -> dict:
 
         def on_step_end(module: LoraModule) -> None:
             backend.step_end()
-            if cfg.save_every and module.step_count % cfg.save_every == 0:
+            if cfg.save_every and module.step_count % cfg.save_every == 0 and not precompile:
                 save(module, f"step_{module.step_count}", "adapter", resumable=True)
             if cfg.val_every and module.step_count % cfg.val_every == 0:
                 metrics = evaluate(module.model, rows.val, backend.device)
@@ -132,17 +157,25 @@ def train(recipe: Recipe) -> dict:
         if backend.rank == 0:
             loggers += [CSVLogger(out, name="logs")] if "csv" in cfg.loggers else []
             loggers += [TensorBoardLogger(out, name="tensorboard")] if "tensorboard" in cfg.loggers else []
-        batches = StepBatches(rows.train, cfg.micro_batch_size * cfg.grad_accum, state.get_data_parallel_size(),
-                              state.get_data_parallel_rank(), cfg.seed, start_step, cfg.max_steps)
+        parallel_state = model.parallel_state
+        batches = StepBatches(rows.train, cfg.micro_batch_size * cfg.grad_accum, parallel_state.get_data_parallel_size(),
+                              parallel_state.get_data_parallel_rank(), cfg.seed, start_step, cfg.max_steps)
+        steps_this_run = max(cfg.max_steps - start_step, 0)
+        if precompile:
+            steps_this_run = min(steps_this_run, PRECOMPILE_STEPS)
+            _say(backend, f"neuron_parallel_compile: collecting graphs over {steps_this_run} steps; nothing is saved")
         accelerator = {"cpu": "cpu", "cuda": "gpu"}.get(backend.device.type) or _AnyDeviceAccelerator()
         trainer = L.Trainer(
-            accelerator=accelerator, devices=1, strategy=SingleDeviceStrategy(backend.device), max_steps=max(cfg.max_steps - start_step, 0),
+            accelerator=accelerator, devices=1, strategy=_StayOnDeviceStrategy(backend.device), max_steps=steps_this_run,
             logger=loggers or False, enable_progress_bar=backend.rank == 0 and os.environ.get("NXD_LORA_NO_BAR") != "1",
             enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
             log_every_n_steps=max(1, cfg.log_every),
         )
         trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
         metrics = evaluate(model, rows.val, backend.device)
+        if precompile:
+            return {"losses": module.history, "val": metrics, "saved": {}, "steps": module.step_count,
+                    "data": rows.report, "step_stats": getattr(backend, "step_stats", [])}
         if cfg.rouge and rows.val_examples:
             from nxd_lora.train.rouge import rouge_on_examples
 
@@ -161,6 +194,17 @@ def train(recipe: Recipe) -> dict:
                 "data": rows.report, "step_stats": getattr(backend, "step_stats", [])}
     finally:
         backend.teardown()
+
+
+class _StayOnDeviceStrategy(SingleDeviceStrategy):
+    """Lightning's single-device strategy, except that ``teardown`` leaves the model and the
+    optimizer state on the device: validation, ROUGE and the final saves run there after
+    ``fit`` (Lightning would move everything to the host, at the cost of a 70B model's weights)."""
+
+    def teardown(self) -> None:
+        self.precision_plugin.teardown()
+        self.accelerator.teardown()
+        self.checkpoint_io.teardown()
 
 
 class _AnyDeviceAccelerator(CPUAccelerator):

@@ -1,0 +1,175 @@
+"""``nxd-lora doctor``: the software stack and hardware this machine offers, and every mismatch.
+
+XLA training on trn1 works with exactly one stack: Neuron SDK 2.28 (torch-neuronx
+2.9.0.2.12, neuronx-distributed 0.17, neuronx-cc 2.23) on PyTorch 2.9 and torch-xla 2.9;
+later SDKs dropped it. A neighbouring version fails late and obscurely (a compiler error
+minutes into the first step, a missing symbol at import), so the doctor names each
+component, the version found and the one needed. ``nxd-lora train`` runs the same check
+for its backend before doing any work: a mismatch the backend cannot run with is an error,
+anything else a warning.
+
+Versions are read from installed distribution metadata, never by importing the packages
+(importing torch_neuronx starts the Neuron runtime).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from glob import glob
+from importlib import metadata
+from pathlib import Path
+
+NEURON_SDK = "2.28"
+# torch-neuronx versions are <torch>.<neuron build series>.<build>; the series names the SDK.
+TORCH_NEURONX_SERIES_TO_SDK = {"2.9.0.2.12": "2.28", "2.9.0.2.13": "2.29", "2.9.0.2.11": "2.27"}
+
+# component -> (version prefix needed, backends for which a mismatch is an error)
+PINS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "torch": ("2.9", ("neuron", "xla")),
+    "torch-xla": ("2.9", ("neuron", "xla")),
+    "torch-neuronx": ("2.9.0.2.12", ("neuron",)),
+    "neuronx-distributed": ("0.17", ("neuron",)),
+    "neuronx-cc": ("2.23", ("neuron",)),
+    "libneuronxla": ("2.2", ("neuron",)),
+    "lightning": ("2", ("cpu", "cuda", "neuron", "xla")),
+}
+REPORTED_ONLY = ("transformers", "peft", "safetensors", "boto3")
+NEURON_PYTHONS = ("3.10", "3.11", "3.12")
+
+
+@dataclass(frozen=True)
+class Finding:
+    component: str
+    found: str
+    expected: str
+    ok: bool
+    fatal: bool  # for the backend checked: it cannot run with this
+
+    def line(self) -> str:
+        mark = ("ok" if self.expected else "info") if self.ok else ("ERR" if self.fatal else "warn")
+        wanted = "" if self.ok or not self.expected else f"  (needs {self.expected})"
+        return f"  [{mark:<4}] {self.component:<20} {self.found}{wanted}"
+
+
+class StackMismatch(RuntimeError):
+    """The installed stack cannot run the requested backend."""
+
+
+def installed_version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def version_matches(version: str, prefix: str) -> bool:
+    """``2.9.0+cpu`` matches ``2.9``; ``2.10.0`` does not."""
+    return version == prefix or version.startswith(prefix + ".") or version.startswith(prefix + "+")
+
+
+def neuron_sdk_from_torch_neuronx(version: str | None) -> str | None:
+    if version is None:
+        return None
+    return next((sdk for series, sdk in TORCH_NEURONX_SERIES_TO_SDK.items() if version_matches(version, series)), None)
+
+
+def neuron_core_count() -> tuple[int, str]:
+    """(NeuronCores on this host, how it was found): ``neuron-ls -j`` (sum of ``nc_count``), else sysfs."""
+    neuron_ls = shutil.which("neuron-ls")
+    if neuron_ls:
+        try:
+            out = subprocess.run([neuron_ls, "-j"], capture_output=True, text=True, timeout=60, check=True).stdout
+            return sum(int(device["nc_count"]) for device in json.loads(out)), "neuron-ls -j"
+        except (subprocess.SubprocessError, OSError, ValueError, KeyError, TypeError) as err:
+            return 0, f"neuron-ls -j failed: {err}"
+    counts = glob("/sys/devices/virtual/neuron_device/neuron*/core_count")
+    if counts:
+        return sum(int(Path(p).read_text().strip() or 0) for p in counts), "sysfs core_count"
+    return 0, "no neuron-ls and no /sys/devices/virtual/neuron_device"
+
+
+def host_memory_gib() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / 2**30
+
+
+def examine(backend: str) -> tuple[list[Finding], dict[str, str]]:
+    """Findings for ``backend`` and facts (python, SDK, cores, RAM) for the report."""
+    findings = []
+    for component, (prefix, fatal_for) in PINS.items():
+        relevant = backend in fatal_for or component in ("torch", "lightning")
+        version = installed_version(component)
+        if version is None and not relevant:
+            continue
+        ok = version is not None and version_matches(version, prefix)
+        findings.append(Finding(component, version or "not installed", f"{prefix}.x", ok, backend in fatal_for))
+    for component in REPORTED_ONLY:
+        version = installed_version(component)
+        findings.append(Finding(component, version or "not installed", "", True, False))
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    cores, how = neuron_core_count()
+    if backend == "neuron":
+        findings.append(Finding("python", python, " or ".join(NEURON_PYTHONS), python in NEURON_PYTHONS, True))
+        findings.append(Finding("NeuronCores", f"{cores} ({how})", "at least 1", cores > 0, True))
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if cores and local > cores:
+            findings.append(Finding("ranks on this node", str(local), f"<= {cores} NeuronCores", False, True))
+    sdk = neuron_sdk_from_torch_neuronx(installed_version("torch-neuronx"))
+    facts = {"python": python, "neuron sdk": sdk or "none found", "neuron cores": f"{cores} ({how})",
+             "host memory": f"{host_memory_gib():.1f} GiB", "backend checked": backend}
+    return findings, facts
+
+
+def default_backend() -> str:
+    """neuron where there are NeuronCores or torch-neuronx; else cuda where torch sees a GPU; else cpu."""
+    if installed_version("torch-neuronx") or neuron_core_count()[0]:
+        return "neuron"
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+def report(backend: str) -> tuple[str, list[Finding]]:
+    findings, facts = examine(backend)
+    lines = ["nxd-lora doctor"] + [f"  {key:<16} {value}" for key, value in facts.items()] + ["stack:"]
+    lines += [f.line() for f in findings]
+    problems = [f for f in findings if not f.ok]
+    if not problems:
+        lines.append(f"no mismatches for backend '{backend}'")
+    else:
+        lines.append(f"{len(problems)} mismatch(es) for backend '{backend}': "
+                     + "; ".join(f"{f.component} {f.found}, needs {f.expected}" for f in problems))
+        if backend == "neuron":
+            lines.append(f"install Neuron SDK {NEURON_SDK}: pip install --extra-index-url "
+                         "https://pip.repos.neuron.amazonaws.com 'nxd-lora[neuron]'")
+    return "\n".join(lines), findings
+
+
+def check_stack(backend: str, warn=print) -> None:
+    """Raise ``StackMismatch`` naming every fatal mismatch for ``backend``; ``warn`` the rest."""
+    findings, _ = examine(backend)
+    fatal = [f for f in findings if not f.ok and f.fatal]
+    for finding in findings:
+        if not finding.ok and not finding.fatal:
+            warn(f"[doctor] warning: {finding.component} is {finding.found}; nxd-lora is tested with {finding.expected}")
+    if fatal:
+        raise StackMismatch(f"backend '{backend}' cannot run on this stack: "
+                            + "; ".join(f"{f.component} is {f.found}, needs {f.expected}" for f in fatal)
+                            + " (run 'nxd-lora doctor' for the whole report)")
+
+
+def findings_json(findings: list[Finding]) -> str:
+    return json.dumps([asdict(f) for f in findings], indent=2)

@@ -1,0 +1,75 @@
+"""``nxd-lora doctor`` and the stack check train runs: versions, NeuronCores, named mismatches."""
+
+from __future__ import annotations
+
+import pytest
+
+import nxd_standins
+from nxd_lora import doctor
+from nxd_lora.cli import main
+
+
+@pytest.fixture
+def neuron_host(tmp_path, monkeypatch):
+    """This machine as a trn1.32xlarge with SDK 2.28's packages, as far as the doctor can tell."""
+    site = nxd_standins.write_stack_metadata(tmp_path / "site")
+    monkeypatch.syspath_prepend(str(site))
+    bin_dir = nxd_standins.write_neuron_ls(tmp_path / "bin", neuron_cores=32)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+    return tmp_path
+
+
+def test_doctor_on_a_cpu_machine_names_what_neuron_needs(capsys, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")  # no neuron-ls
+    assert main(["doctor", "--backend", "cpu"]) == 0
+    assert main(["doctor", "--backend", "neuron"]) == 1
+    out = capsys.readouterr().out
+    assert "torch-neuronx" in out and "not installed  (needs 2.9.0.2.12.x)" in out
+    assert "NeuronCores" in out and "pip.repos.neuron.amazonaws.com" in out
+    with pytest.raises(doctor.StackMismatch, match=r"neuronx-distributed is not installed, needs 0\.17\.x"):
+        doctor.check_stack("neuron")
+
+
+def test_doctor_on_a_neuron_host_reports_the_sdk_and_cores(neuron_host, capsys):
+    if doctor.installed_version("torch-xla") is None:
+        pytest.skip("needs torch-xla")
+    assert main(["doctor", "--backend", "neuron"]) == 0, capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "neuron sdk       2.28" in out
+    assert "neuron cores     32 (neuron-ls -j)" in out
+    assert "no mismatches for backend 'neuron'" in out
+    doctor.check_stack("neuron")  # no exception
+
+
+def test_a_neighbouring_sdk_is_a_named_error(neuron_host, monkeypatch, capsys):
+    newer = dict(nxd_standins.STACK_VERSIONS, **{"neuronx-distributed": "0.18.27753",
+                                                  "torch-neuronx": "2.9.0.2.13.24727"})
+    monkeypatch.syspath_prepend(str(nxd_standins.write_stack_metadata(neuron_host / "site-2.29", newer)))
+    with pytest.raises(doctor.StackMismatch) as err:
+        doctor.check_stack("neuron")
+    assert "neuronx-distributed is 0.18.27753, needs 0.17.x" in str(err.value)
+    assert "torch-neuronx is 2.9.0.2.13.24727, needs 2.9.0.2.12.x" in str(err.value)
+    assert main(["doctor", "--backend", "neuron"]) == 1
+    assert "neuron sdk       2.29" in capsys.readouterr().out
+
+
+def test_more_ranks_than_neuron_cores_is_an_error(neuron_host, monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")
+    with pytest.raises(doctor.StackMismatch, match=r"ranks on this node is 64, needs <= 32 NeuronCores"):
+        doctor.check_stack("neuron")
+
+
+def test_version_prefixes():
+    assert doctor.version_matches("2.9.0+cpu", "2.9") and doctor.version_matches("2.9", "2.9")
+    assert not doctor.version_matches("2.10.0", "2.1") and not doctor.version_matches("2.90", "2.9")
+    assert doctor.neuron_sdk_from_torch_neuronx("2.9.0.2.12.22436") == "2.28"
+    assert doctor.neuron_sdk_from_torch_neuronx("2.9.0.2.14.1") is None
+
+
+def test_train_refuses_a_stack_that_cannot_run_its_backend(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    code = main(["train", f"train.output_dir={tmp_path}", "train.backend=neuron", "model.checkpoint=missing"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "backend 'neuron' cannot run on this stack" in err and "NeuronCores is 0" in err
+    assert not list(tmp_path.iterdir())  # refused before writing anything
