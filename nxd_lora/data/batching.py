@@ -38,34 +38,48 @@ def fit_to_length(examples: list[Encoded], seq_len: int, on_long_prompt: str = "
 
 
 def _row(pieces: list[Encoded], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
-    ids, labels, positions, docs = [], [], [], []
+    """One row: the pieces one after another, then padding (its own document 0)."""
+    row = {"input_ids": torch.full((seq_len,), pad_id), "labels": torch.full((seq_len,), IGNORE_INDEX),
+           "position_ids": torch.empty(seq_len, dtype=torch.long), "document_ids": torch.zeros(seq_len, dtype=torch.long)}
+    start = 0
     for doc, ex in enumerate(pieces, start=1):
-        ids += ex.input_ids
-        labels += ex.labels
-        positions += list(range(len(ex.input_ids)))
-        docs += [doc] * len(ex.input_ids)
-    pad = seq_len - len(ids)
-    return {
-        "input_ids": torch.tensor(ids + [pad_id] * pad),
-        "labels": torch.tensor(labels + [IGNORE_INDEX] * pad),
-        "position_ids": torch.tensor(positions + list(range(pad))),
-        "document_ids": torch.tensor(docs + [0] * pad),  # 0: padding, its own block
-    }
+        end = start + len(ex.input_ids)
+        row["input_ids"][start:end] = torch.tensor(ex.input_ids)
+        row["labels"][start:end] = torch.tensor(ex.labels)
+        row["position_ids"][start:end] = torch.arange(end - start)  # positions restart in each document
+        row["document_ids"][start:end] = doc
+        start = end
+    row["position_ids"][start:] = torch.arange(seq_len - start)
+    return row
 
 
 def pack(examples: list[Encoded], seq_len: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
-    """Greedy first-fit packing in the given order (examples must already fit ``seq_len``)."""
+    """Greedy first-fit packing in the given order (examples must already fit ``seq_len``): each
+    example goes to the first row with room for it.
+
+    The rows' free space sits in a max segment tree (unopened rows are empty, so "no open row
+    fits" finds the next new one), which keeps packing O(n log n): a plain scan over the open
+    rows takes a minute on 15k examples.
+    """
+    size = 1
+    while size < max(len(examples), 1):
+        size *= 2
+    free = [seq_len] * (2 * size)  # free[size + i]: room left in row i; inner nodes: max of children
     rows: list[list[Encoded]] = []
-    used: list[int] = []
     for ex in examples:
-        for i, length in enumerate(used):
-            if length + len(ex.input_ids) <= seq_len:
-                rows[i].append(ex)
-                used[i] += len(ex.input_ids)
-                break
-        else:
-            rows.append([ex])
-            used.append(len(ex.input_ids))
+        length = len(ex.input_ids)
+        node = 1
+        while node < size:  # leftmost leaf with room: descend left whenever the left subtree has it
+            node = 2 * node if free[2 * node] >= length else 2 * node + 1
+        row = node - size
+        if row == len(rows):
+            rows.append([])
+        rows[row].append(ex)
+        free[node] -= length
+        node //= 2
+        while node:
+            free[node] = max(free[2 * node], free[2 * node + 1])
+            node //= 2
     return [_row(r, seq_len, pad_id) for r in rows]
 
 
