@@ -88,8 +88,8 @@ def _plan(args: argparse.Namespace) -> int:
           f"seq_len {recipe.data.seq_len}, micro_batch_size {recipe.train.micro_batch_size}, "
           f"activation_checkpointing {recipe.train.activation_checkpointing}, LoRA r={recipe.lora.lora_rank} on "
           f"{recipe.lora.target_modules}")
+    check_plan_fits(plan, source)  # the error carries the report
     print(plan.report())
-    check_plan_fits(plan, source)
     return 0
 
 

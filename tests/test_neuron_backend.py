@@ -168,11 +168,13 @@ def test_neuron_backend_trains_like_the_xla_backend_through_nxds_api(tmp_path):
     layers = 2
     assert len(neuron["qkv_calls"]) == 2 * layers
     assert all(c["kv_size_multiplier"] == "1" and c["fuse_qkv"] == "False" for c in neuron["qkv_calls"])
-    assert len(neuron["losses"]) == 8 and neuron["losses"][-1] < neuron["losses"][0]
+    assert len(neuron["losses"]) == 2 and neuron["losses"][-1] < neuron["losses"][0]
     assert neuron["losses"] == pytest.approx(xla["losses"], rel=2e-3)
     assert neuron["val"]["val/loss"] == pytest.approx(xla["val"]["val/loss"], rel=2e-3)
     assert (tmp_path / "neuron" / "checkpoints" / "step_4" / "done").is_file()
     assert (tmp_path / "neuron" / "final" / "peft" / "adapter_config.json").is_file()
     compiles = [s["compiles"] for s in neuron["step_stats"]]
-    # warm-up: the first logging interval and the first checkpoint (step 4); no new graph after it
+    # graphs: step 1 (creates AdamW's state), the steady step (2-4, the log step 4 included), and one
+    # for the first checkpoint's transfers (counted in step 5); nothing new after that
+    assert compiles[1:4] == [compiles[1]] * 3 and compiles[4] - compiles[3] <= 1, compiles
     assert compiles[4:] == [compiles[4]] * (len(compiles) - 4), compiles

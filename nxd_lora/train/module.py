@@ -119,11 +119,11 @@ def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
 
 class LoraModule(L.LightningModule):
     def __init__(self, model: nn.Module, train: TrainConfig, start_step: int = 0, on_step_end=None,
-                 resume_states: tuple[dict, dict] | None = None):
+                 resume_states: tuple[dict, dict] | None = None, sync=None):
         super().__init__()
         self.model, self.train_cfg, self.step_count = model, train, start_step
         self.automatic_optimization = False
-        self.on_step_end, self.resume_states = on_step_end, resume_states
+        self.on_step_end, self.resume_states, self.sync = on_step_end, resume_states, sync
         self.history: list[float] = []
 
     def on_train_start(self) -> None:
@@ -147,17 +147,20 @@ class LoraModule(L.LightningModule):
             all_reduce_data_parallel(tensor, parallel_state)
         grad_norm = clip_gradients(self.model, self.train_cfg.grad_clip)
         mean_loss = loss_sum / tokens
-        self.step_count += 1
-        log_now = self.step_count % max(1, self.train_cfg.log_every) == 0
-        if log_now or self.train_cfg.save_every:
-            value = mean_loss.item()  # a host sync, only at logging/saving intervals
-            if not math.isfinite(value):
-                raise NonFiniteLoss(f"loss is {value} at step {self.step_count}; stopping (last good checkpoint kept)")
-            self.history.append(value)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
+        self.step_count += 1
+        if self.sync is not None:
+            self.sync()  # lazy devices: run the whole step as one graph before anything is read back
+        log_now = self.step_count % max(1, self.train_cfg.log_every) == 0
+        save_now = bool(self.train_cfg.save_every) and self.step_count % self.train_cfg.save_every == 0
+        if log_now or save_now:  # host reads only at logging and saving steps
+            value = mean_loss.item()
+            if not math.isfinite(value):  # raised before this step's save: the last good checkpoint stays
+                raise NonFiniteLoss(f"loss is {value} at step {self.step_count}; stopping (last good checkpoint kept)")
+            self.history.append(value)
         if log_now:
             metrics = {"train/loss": value, "train/grad_norm": grad_norm.item(), "train/tokens": tokens.item(),
                        "lr": lr}

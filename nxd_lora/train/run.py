@@ -143,7 +143,6 @@ def train(recipe: Recipe) -> dict:
             )
 
         def on_step_end(module: LoraModule) -> None:
-            backend.step_end()
             if cfg.save_every and module.step_count % cfg.save_every == 0 and not precompile:
                 save(module, f"step_{module.step_count}", "adapter", resumable=True)
             if cfg.val_every and module.step_count % cfg.val_every == 0:
@@ -152,7 +151,8 @@ def train(recipe: Recipe) -> dict:
                     logger.log_metrics(metrics, step=module.step_count)
 
         module = LoraModule(model, cfg, start_step, on_step_end,
-                            (optimizer_state, scheduler_state) if optimizer_state is not None else None)
+                            (optimizer_state, scheduler_state) if optimizer_state is not None else None,
+                            sync=backend.step_end)
         loggers = []
         if backend.rank == 0:
             loggers += [CSVLogger(out, name="logs")] if "csv" in cfg.loggers else []
