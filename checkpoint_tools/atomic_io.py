@@ -41,8 +41,15 @@ def torch_save(state: dict, path_or_handle) -> None:
     torch.save's pickler leaves a cycle that keeps every saved tensor alive until the next
     full garbage collection, which in a loop of big saves comes far too late: converting
     Llama 3 8B to TP=32 grew to 9 GiB RSS without this collection, and stays near 3 GiB with it.
+
+    The zip records get no CRC32: computing it ran torch.save at a third of its speed, and
+    ``torch.load`` never checks it. Every rank file we write is covered by a SHA-256 in its
+    manifest instead (``nxd-lora inspect --verify``).
     """
-    torch.save(state, path_or_handle)
+    from torch.utils.serialization import config
+
+    with config.patch({"save.compute_crc32": False}):
+        torch.save(state, path_or_handle)
     gc.collect()
 
 

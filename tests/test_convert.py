@@ -74,7 +74,9 @@ def test_tp8_with_kv_replication_and_tied_embeddings(tmp_path, fuse_qkv):
 
 def test_nxd_layout_files_and_markers(llama3, tmp_path):
     _, root = llama3
+    threads = torch.get_num_threads()
     convert_to_nxd(root / "sharded", tmp_path / "ckpt", 2, dtype="bf16", **QUIET)
+    assert torch.get_num_threads() == threads  # conversion runs on one torch thread, then restores
     tag = tmp_path / "ckpt" / BASE_TAG
     assert sorted(p.name for p in (tag / "model").iterdir()) == [
         "dp_rank_00_tp_rank_00_pp_rank_00.pt", "dp_rank_00_tp_rank_01_pp_rank_00.pt"]
