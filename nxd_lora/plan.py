@@ -137,23 +137,28 @@ def plan_memory(config: LlamaConfig, lora: LoraConfig, tp: int, seq_len: int, mi
     return MemoryPlan(device, DEVICE_MEMORY_GIB[device], tp, kvm, gib)
 
 
+def architecture_config(recipe: Recipe) -> tuple[LlamaConfig, str]:
+    """``model.architecture`` (a preset name or a config.json path) as a config, and where from."""
+    arch = recipe.model.architecture
+    if arch in PRESETS:
+        return preset_config(arch), f"preset {arch}"
+    if arch and Path(arch).exists():
+        return LlamaConfig.from_json(arch), arch
+    raise ValueError(f"model.architecture={arch!r} is neither a known architecture {sorted(PRESETS)} "
+                     "nor an existing config.json")
+
+
 def recipe_model_config(recipe: Recipe) -> tuple[LlamaConfig, str]:
     """The recipe's architecture: the converted checkpoint's manifest when it exists, else
-    ``model.architecture`` (a preset name or a config.json path). Returns (config, where from)."""
+    ``model.architecture``. Returns (config, where from)."""
     manifest_path = Path(recipe.model.checkpoint) / BASE_TAG / MANIFEST if recipe.model.checkpoint else None
     if manifest_path is not None and manifest_path.is_file():
         tag = manifest_path.parent
         return manifest_config(read_manifest(tag), tag), str(manifest_path)
-    arch = recipe.model.architecture
-    if not arch:
+    if not recipe.model.architecture:
         raise ValueError(f"no converted checkpoint at model.checkpoint={recipe.model.checkpoint!r} and no "
                          f"model.architecture: set one of them (architectures: {sorted(PRESETS)} or a config.json)")
-    if arch in PRESETS:
-        return preset_config(arch), f"preset {arch}"
-    if Path(arch).exists():
-        return LlamaConfig.from_json(arch), arch
-    raise ValueError(f"model.architecture={arch!r} is neither a known architecture {sorted(PRESETS)} "
-                     "nor an existing config.json")
+    return architecture_config(recipe)
 
 
 def device_for_backend(backend: str) -> str:

@@ -20,7 +20,6 @@ import io
 import json
 import tarfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -237,7 +236,7 @@ def source_archive(recipe: Path, recipe_name: str) -> bytes:
 def check_inputs(submitter: Submitter, spec: JobSpec, recipe) -> dict:
     """Every check before anything is created; returns the checkpoint's manifest."""
     from checkpoint_tools.llama_config import LlamaConfig
-    from nxd_lora.plan import check_architecture, check_parallel_layout, check_plan_fits, plan_memory, recipe_model_config
+    from nxd_lora.plan import architecture_config, check_architecture, check_parallel_layout, check_plan_fits, plan_memory
 
     submitter.check_role(spec.role_arn)
     uris = {"checkpoint": spec.checkpoint, "tokenizer": spec.tokenizer, "output": spec.output, "data": spec.data,
@@ -251,8 +250,7 @@ def check_inputs(submitter: Submitter, spec: JobSpec, recipe) -> dict:
                           f"the recipe trains with train.tp={train.tp}")
     config = LlamaConfig.from_dict(manifest["config"], source=f"{spec.checkpoint} manifest")
     if recipe.model.architecture:
-        expected, _ = recipe_model_config(replace(recipe, model=replace(recipe.model, checkpoint="")))
-        check_architecture(expected, config, f"model.architecture vs {spec.checkpoint}")
+        check_architecture(architecture_config(recipe)[0], config, f"model.architecture vs {spec.checkpoint}")
     check_parallel_layout(train, spec.ranks, f"{spec.instance_count} x {spec.instance_type}")
     device = "trn2" if spec.instance_type.startswith("ml.trn2") else "trn1"
     plan = plan_memory(config, recipe.lora, train.tp, recipe.data.seq_len, train.micro_batch_size,

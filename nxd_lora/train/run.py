@@ -6,7 +6,6 @@ import json
 import math
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -23,8 +22,7 @@ from nxd_lora.checkpointing import SAVE_MODES, save_lora_checkpoint
 from nxd_lora.doctor import check_stack
 from nxd_lora.lora.model import describe_trainable, load_lora_state_dict
 from nxd_lora.model.builder import build_model
-from nxd_lora.plan import (check_architecture, check_parallel_layout, check_plan_fits, plan_recipe,
-                            recipe_model_config)
+from nxd_lora.plan import architecture_config, check_architecture, check_parallel_layout, check_plan_fits, plan_recipe
 from nxd_lora.tokenizer import load_tokenizer
 from nxd_lora.train.config import Recipe
 from nxd_lora.train.data import StepBatches, build_rows
@@ -75,8 +73,10 @@ def precompiling() -> bool:
     return os.environ.get("NEURON_EXTRACT_GRAPHS_ONLY", "") not in ("", "0")
 
 
-def train(recipe: Recipe) -> dict:
-    """Run one training job on this rank (under torchrun, every rank calls it). Returns a summary."""
+def check_before_start(recipe: Recipe) -> tuple[Path, dict]:
+    """Everything that can be refused before a process group or a model exists: save modes, the
+    software stack, the base checkpoint's manifest, the architecture, TP x DP, the memory plan.
+    Returns the base tag directory and its manifest."""
     cfg = recipe.train
     check_save_modes(cfg.save_modes)
     check_stack(cfg.backend, warn=lambda message: print(message, file=sys.stderr) if _local_rank() == 0 else None)
@@ -84,13 +84,20 @@ def train(recipe: Recipe) -> dict:
         raise ValueError("model.checkpoint is required (a directory written by 'nxd-lora convert')")
     base_tag = Path(recipe.model.checkpoint) / BASE_TAG
     manifest = check_manifest(base_tag, tp=cfg.tp)
-    config = manifest_config(manifest, base_tag)
     if recipe.model.architecture:
-        check_architecture(recipe_model_config(replace(recipe, model=replace(recipe.model, checkpoint="")))[0],
-                           config, f"model.architecture={recipe.model.architecture!r} vs {base_tag}")
+        check_architecture(architecture_config(recipe)[0], manifest_config(manifest, base_tag),
+                           f"model.architecture={recipe.model.architecture!r} vs {base_tag}")
     check_parallel_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     if cfg.backend == "neuron":
         check_plan_fits(plan_recipe(recipe), "nxd-lora train")
+    return base_tag, manifest
+
+
+def train(recipe: Recipe) -> dict:
+    """Run one training job on this rank (under torchrun, every rank calls it). Returns a summary."""
+    cfg = recipe.train
+    base_tag, manifest = check_before_start(recipe)
+    config = manifest_config(manifest, base_tag)
     out = Path(cfg.output_dir)
     precompile = precompiling()
     backend = get_backend(cfg.backend)
@@ -158,24 +165,30 @@ def train(recipe: Recipe) -> dict:
             loggers += [CSVLogger(out, name="logs")] if "csv" in cfg.loggers else []
             loggers += [TensorBoardLogger(out, name="tensorboard")] if "tensorboard" in cfg.loggers else []
         parallel_state = model.parallel_state
-        batches = StepBatches(rows.train, cfg.micro_batch_size * cfg.grad_accum, parallel_state.get_data_parallel_size(),
-                              parallel_state.get_data_parallel_rank(), cfg.seed, start_step, cfg.max_steps)
+        batches = StepBatches(rows.train, cfg.micro_batch_size * cfg.grad_accum,
+                              parallel_state.get_data_parallel_size(), parallel_state.get_data_parallel_rank(),
+                              cfg.seed, start_step, cfg.max_steps)
         steps_this_run = max(cfg.max_steps - start_step, 0)
         if precompile:
             steps_this_run = min(steps_this_run, PRECOMPILE_STEPS)
             _say(backend, f"neuron_parallel_compile: collecting graphs over {steps_this_run} steps; nothing is saved")
         accelerator = {"cpu": "cpu", "cuda": "gpu"}.get(backend.device.type) or _AnyDeviceAccelerator()
         trainer = L.Trainer(
-            accelerator=accelerator, devices=1, strategy=_StayOnDeviceStrategy(backend.device), max_steps=steps_this_run,
+            accelerator=accelerator, devices=1, strategy=_StayOnDeviceStrategy(backend.device),
+            max_steps=steps_this_run,
             logger=loggers or False, enable_progress_bar=backend.rank == 0 and os.environ.get("NXD_LORA_NO_BAR") != "1",
             enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
             log_every_n_steps=max(1, cfg.log_every),
         )
         trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
         metrics = evaluate(model, rows.val, backend.device)
-        if precompile:
-            return {"losses": module.history, "val": metrics, "saved": {}, "steps": module.step_count,
+
+        def summary(saved: dict) -> dict:
+            return {"losses": module.history, "val": metrics, "saved": saved, "steps": module.step_count,
                     "data": rows.report, "step_stats": getattr(backend, "step_stats", [])}
+
+        if precompile:
+            return summary({})
         if cfg.rouge and rows.val_examples:
             from nxd_lora.train.rouge import rouge_on_examples
 
@@ -190,8 +203,7 @@ def train(recipe: Recipe) -> dict:
                         log=lambda message: _say(backend, message))
             saved["peft"] = str(out / "final" / "peft")
         _say(backend, f"done at step {module.step_count}; {json.dumps(metrics)}; saved {saved}")
-        return {"losses": module.history, "val": metrics, "saved": saved, "steps": module.step_count,
-                "data": rows.report, "step_stats": getattr(backend, "step_stats", [])}
+        return summary(saved)
     finally:
         backend.teardown()
 
