@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+import torch.distributed as dist
 
 from checkpoint_tools.atomic_io import load_tensors, save_tensors
 
@@ -41,20 +42,21 @@ class Backend(ABC):
         return SimpleNamespace(**{name: getattr(parallel, name) for name in parallel.__all__})
 
     @property
-    @abstractmethod
-    def rank(self) -> int: ...
+    def rank(self) -> int:
+        """Global rank (0 without a process group)."""
+        return dist.get_rank() if dist.is_initialized() else 0
 
     @property
-    @abstractmethod
-    def world_size(self) -> int: ...
+    def world_size(self) -> int:
+        return dist.get_world_size() if dist.is_initialized() else 1
 
     @property
-    @abstractmethod
-    def tp_rank(self) -> int: ...
+    def tp_rank(self) -> int:
+        return self.layers.state.get_tensor_model_parallel_rank()
 
     @property
-    @abstractmethod
-    def tp_size(self) -> int: ...
+    def tp_size(self) -> int:
+        return self.layers.state.get_tensor_model_parallel_size()
 
     @abstractmethod
     def barrier(self) -> None: ...

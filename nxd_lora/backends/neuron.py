@@ -121,22 +121,6 @@ class NeuronBackend(XlaBackend):
     def layers(self) -> SimpleNamespace:
         return self._layers
 
-    @property
-    def rank(self) -> int:
-        return dist.get_rank() if dist.is_initialized() else 0
-
-    @property
-    def world_size(self) -> int:
-        return dist.get_world_size() if dist.is_initialized() else 1
-
-    @property
-    def tp_rank(self) -> int:
-        return self.parallel_state.get_tensor_model_parallel_rank()
-
-    @property
-    def tp_size(self) -> int:
-        return self.parallel_state.get_tensor_model_parallel_size()
-
     def barrier(self) -> None:
         self.xm.rendezvous("nxd-lora")
 

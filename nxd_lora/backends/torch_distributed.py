@@ -30,22 +30,6 @@ class TorchDistributedBackend(Backend):
     def _bind_device(self) -> None:
         """Hook for backends that pin one device per local rank."""
 
-    @property
-    def rank(self) -> int:
-        return dist.get_rank() if dist.is_initialized() else 0
-
-    @property
-    def world_size(self) -> int:
-        return dist.get_world_size() if dist.is_initialized() else 1
-
-    @property
-    def tp_rank(self) -> int:
-        return state.get_tensor_model_parallel_rank()
-
-    @property
-    def tp_size(self) -> int:
-        return state.get_tensor_model_parallel_size()
-
     def barrier(self) -> None:
         if dist.is_initialized():
             dist.barrier()

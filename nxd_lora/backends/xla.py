@@ -44,22 +44,6 @@ class XlaBackend(Backend):
     def device(self) -> torch.device:
         return self.torch_xla.device()
 
-    @property
-    def rank(self) -> int:
-        return 0
-
-    @property
-    def world_size(self) -> int:
-        return 1
-
-    @property
-    def tp_rank(self) -> int:
-        return 0
-
-    @property
-    def tp_size(self) -> int:
-        return 1
-
     def barrier(self) -> None:
         pass
 
