@@ -220,6 +220,7 @@ def test_a_failed_job_reports_its_reason(aws, capsys):
     (dict(max_wait_hours=1.0), "spot max wait 1.0 h must be >= max run 24.0 h"),
     (dict(spot=False, max_wait_hours=30.0), "max wait applies to spot jobs only"),
     (dict(data="bucket/data"), "data='bucket/data' is not an s3://bucket/prefix URI"),
+    (dict(overrides=[f"train.output_dir={'x' * 3000}"]), r"hyperparameters \['overrides'\] exceed SageMaker's 2500"),
 ])
 def test_job_spec_errors_name_the_field(change, message):
     with pytest.raises(JobSpecError, match=message.replace("(", r"\(")):

@@ -37,7 +37,7 @@ DEFAULT_DLC_ACCOUNT = "763104351884"
 TRAINIUM_INSTANCES = {"ml.trn1.2xlarge": 2, "ml.trn1.32xlarge": 32, "ml.trn1n.32xlarge": 32, "ml.trn2.48xlarge": 64}
 ENTRY_POINT = "sagemaker_entry.py"
 CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"
-CHANNELS = ("checkpoint", "tokenizer", "train")
+MAX_HYPERPARAMETER_CHARS = 2500  # per value, the service's limit
 
 JOB_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 ROLE_ARN = re.compile(r"^arn:aws[a-z\-]*:iam::\d{12}:role/?[a-zA-Z_0-9+=,.@\-_/]+$")
@@ -180,6 +180,10 @@ def training_job_request(spec: JobSpec) -> dict:
         "Environment": environment,
         "EnableManagedSpotTraining": spec.spot,
     }
+    too_long = [k for k, v in request["HyperParameters"].items() if len(v) > MAX_HYPERPARAMETER_CHARS]
+    if too_long:
+        raise JobSpecError(f"hyperparameters {too_long} exceed SageMaker's {MAX_HYPERPARAMETER_CHARS} characters: "
+                           "put long settings in the recipe file instead of overrides")
     if spec.spot:
         wait = spec.max_wait_hours or 2 * spec.max_run_hours
         request["StoppingCondition"]["MaxWaitTimeInSeconds"] = int(wait * 3600)
