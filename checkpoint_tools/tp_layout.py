@@ -1,8 +1,8 @@
 """NxD's per-rank tensor-parallel layout of Llama weights: HF state dict <-> rank shards.
 
 This module is the one place that knows how NxD lays a Llama out over TP ranks; the
-converter, the exporter and the model loader all call it. Facts (NxD 0.18, verified in
-its ``parallel_layers`` and ``modules/qkv_linear.py``; see DESIGN.md):
+converter, the exporter and the model loader all call it. Facts (NxD 0.17 of Neuron SDK 2.28
+and 0.18, verified in its ``parallel_layers`` and ``modules/qkv_linear.py``; see DESIGN.md):
 
 * embed_tokens, lm_head, q/k/v, gate and up are split on dim 0; o_proj and down_proj on
   dim 1; norms are copied to every rank.
