@@ -14,34 +14,42 @@ from nxd_lora.parallel import state
 from nxd_lora.parallel.mappings import all_reduce_tensor_model_parallel, copy_to_tensor_model_parallel_region
 
 
+def _loss_and_logit_grad(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
+                         with_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token loss of fp32 vocab-sharded ``logits`` (overwritten), and d(loss_t)/d(logits_t):
+    ``softmax - one_hot(target)``, zero for ignored tokens. Shared by both losses below."""
+    vocab_per_rank = logits.shape[-1]
+    start = state.get_tensor_model_parallel_rank() * vocab_per_rank
+    logits_max = all_reduce_tensor_model_parallel(logits.max(dim=-1).values, op=dist.ReduceOp.MAX)
+    logits.sub_(logits_max.unsqueeze(-1))
+    ignored = target == ignore_index
+    outside = (target < start) | (target >= start + vocab_per_rank) | ignored
+    local_target = (target - start).masked_fill(outside, 0).unsqueeze(-1)
+    target_logit = logits.gather(-1, local_target).squeeze(-1).masked_fill(outside, 0.0)
+    target_logit = all_reduce_tensor_model_parallel(target_logit)
+    exp = logits.exp_()
+    sum_exp = all_reduce_tensor_model_parallel(exp.sum(dim=-1))
+    loss = (sum_exp.log() - target_logit).masked_fill(ignored, 0.0)
+    if not with_grad:
+        return loss, None
+    grad = exp.div_(sum_exp.unsqueeze(-1))
+    grad.scatter_add_(-1, local_target, -(~outside).to(grad.dtype).unsqueeze(-1))
+    grad.mul_((~ignored).to(grad.dtype).unsqueeze(-1))
+    return loss, grad
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, ignore_index: int):
-        logits = logits.float()
-        logits_max = all_reduce_tensor_model_parallel(logits.max(dim=-1).values, op=dist.ReduceOp.MAX)
-        shifted = logits - logits_max.unsqueeze(-1)
-        vocab_per_rank = logits.shape[-1]
-        start = state.get_tensor_model_parallel_rank() * vocab_per_rank
-        ignored = target == ignore_index
-        outside = (target < start) | (target >= start + vocab_per_rank) | ignored
-        local_target = (target - start).masked_fill(outside, 0)
-        target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
-        target_logit = all_reduce_tensor_model_parallel(target_logit)
-        exp = shifted.exp()
-        sum_exp = all_reduce_tensor_model_parallel(exp.sum(dim=-1))
-        loss = (sum_exp.log() - target_logit).masked_fill(ignored, 0.0)
-        softmax = exp.div_(sum_exp.unsqueeze(-1))
-        ctx.save_for_backward(softmax, local_target, outside, ignored)
+        loss, grad = _loss_and_logit_grad(logits.to(torch.float32, copy=True), target, ignore_index,
+                                          with_grad=ctx.needs_input_grad[0])
+        ctx.save_for_backward(grad)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        softmax, local_target, outside, ignored = ctx.saved_tensors
-        grad = softmax
-        inside = (~outside).to(grad.dtype).unsqueeze(-1)
-        grad.scatter_add_(-1, local_target.unsqueeze(-1), -inside)
-        grad.mul_((grad_loss * (~ignored).to(grad.dtype)).unsqueeze(-1))
-        return grad, None, None
+        (grad,) = ctx.saved_tensors
+        return grad.mul_(grad_loss.unsqueeze(-1)), None, None
 
 
 def parallel_cross_entropy(
@@ -70,29 +78,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ignore_index: int,
                 chunk: int):
-        vocab_per_rank = weight.shape[0]
-        start = state.get_tensor_model_parallel_rank() * vocab_per_rank
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for first in range(0, hidden.shape[0], chunk):
             rows = slice(first, first + chunk)
-            logits = (hidden[rows] @ weight.t()).float()
-            logits_max = all_reduce_tensor_model_parallel(logits.max(dim=-1).values, op=dist.ReduceOp.MAX)
-            logits.sub_(logits_max.unsqueeze(-1))
-            tgt = target[rows]
-            ignored = tgt == ignore_index
-            outside = (tgt < start) | (tgt >= start + vocab_per_rank) | ignored
-            local_target = (tgt - start).masked_fill(outside, 0).unsqueeze(-1)
-            target_logit = all_reduce_tensor_model_parallel(
-                logits.gather(-1, local_target).squeeze(-1).masked_fill(outside, 0.0))
-            probs = logits.exp_()
-            sum_exp = all_reduce_tensor_model_parallel(probs.sum(dim=-1))
-            losses[rows] = (sum_exp.log() - target_logit).masked_fill(ignored, 0.0)
+            losses[rows], grad_logits = _loss_and_logit_grad((hidden[rows] @ weight.t()).float(), target[rows],
+                                                             ignore_index, with_grad=grad_hidden is not None)
             if grad_hidden is not None:
-                probs.div_(sum_exp.unsqueeze(-1))
-                probs.scatter_add_(-1, local_target, -(~outside).to(probs.dtype).unsqueeze(-1))
-                probs.mul_((~ignored).to(probs.dtype).unsqueeze(-1))
-                grad_hidden[rows] = probs.to(hidden.dtype) @ weight
+                grad_hidden[rows] = grad_logits.to(hidden.dtype) @ weight
         ctx.save_for_backward(grad_hidden)
         return losses
 
