@@ -78,19 +78,38 @@ def neuron_sdk_from_torch_neuronx(version: str | None) -> str | None:
     return next((sdk for series, sdk in TORCH_NEURONX_SERIES_TO_SDK.items() if version_matches(version, series)), None)
 
 
+def neuron_devices() -> tuple[list[dict], str]:
+    """(``neuron-ls -j``'s devices, or [] , how they were found or why not)."""
+    neuron_ls = shutil.which("neuron-ls")
+    if not neuron_ls:
+        return [], "no neuron-ls"
+    try:
+        out = subprocess.run([neuron_ls, "-j"], capture_output=True, text=True, timeout=60, check=True).stdout
+        devices = json.loads(out)
+        return (devices, "neuron-ls -j") if isinstance(devices, list) else ([], "neuron-ls -j: not a device list")
+    except (subprocess.SubprocessError, OSError, ValueError) as err:
+        return [], f"neuron-ls -j failed: {err}"
+
+
 def neuron_core_count() -> tuple[int, str]:
     """(NeuronCores on this host, how it was found): ``neuron-ls -j`` (sum of ``nc_count``), else sysfs."""
-    neuron_ls = shutil.which("neuron-ls")
-    if neuron_ls:
-        try:
-            out = subprocess.run([neuron_ls, "-j"], capture_output=True, text=True, timeout=60, check=True).stdout
-            return sum(int(device["nc_count"]) for device in json.loads(out)), "neuron-ls -j"
-        except (subprocess.SubprocessError, OSError, ValueError, KeyError, TypeError) as err:
-            return 0, f"neuron-ls -j failed: {err}"
+    devices, how = neuron_devices()
+    try:
+        if devices:
+            return sum(int(device["nc_count"]) for device in devices), how
+    except (KeyError, TypeError, ValueError) as err:
+        return 0, f"neuron-ls -j: unexpected output ({err})"
     counts = glob("/sys/devices/virtual/neuron_device/neuron*/core_count")
     if counts:
         return sum(int(Path(p).read_text().strip() or 0) for p in counts), "sysfs core_count"
-    return 0, "no neuron-ls and no /sys/devices/virtual/neuron_device"
+    return 0, f"{how} and no /sys/devices/virtual/neuron_device"
+
+
+def neuron_platform() -> str:
+    """``trn2`` where neuron-ls reports a logical NeuronCore config (trn2 only), else ``trn1``: the
+    device whose per-core memory the plan checks against (as launch/run_trn1.sh decides)."""
+    devices, _ = neuron_devices()
+    return "trn2" if any(isinstance(d, dict) and "logical_neuroncore_config" in d for d in devices) else "trn1"
 
 
 def host_memory_gib() -> float:

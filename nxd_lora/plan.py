@@ -165,8 +165,9 @@ def device_for_backend(backend: str) -> str:
     return {"neuron": "trn1", "cuda": "h100"}.get(backend, "trn1")
 
 
-def plan_recipe(recipe: Recipe, device: str | None = None) -> MemoryPlan:
-    config, _ = recipe_model_config(recipe)
+def plan_recipe(recipe: Recipe, device: str | None = None, config: LlamaConfig | None = None) -> MemoryPlan:
+    """The plan of ``recipe`` on ``config`` (default: the recipe's own, see ``recipe_model_config``)."""
+    config = config or recipe_model_config(recipe)[0]
     train = recipe.train
     return plan_memory(config, recipe.lora, train.tp, recipe.data.seq_len, train.micro_batch_size,
                        train.activation_checkpointing, recipe.model.dtype,
@@ -203,4 +204,17 @@ def check_parallel_layout(cfg: TrainConfig, world_size: int, source: str = "reci
     if cfg.dp and cfg.dp != dp:
         raise ValueError(f"{source}: train.tp={cfg.tp} x train.dp={cfg.dp} = {cfg.tp * cfg.dp} ranks, "
                          f"but the launcher started {world_size}")
+    return dp
+
+
+def check_job(recipe: Recipe, config: LlamaConfig, world_size: int, source: str, device: str | None = None) -> int:
+    """What a job's recipe must agree with before it starts: ``config`` (the model it will train)
+    has ``model.architecture``, ``train.tp`` x ``train.dp`` is ``world_size``, and with a
+    ``device`` the memory plan fits it. Returns the data-parallel size."""
+    if recipe.model.architecture:
+        check_architecture(architecture_config(recipe)[0], config,
+                           f"model.architecture={recipe.model.architecture!r} vs {source}")
+    dp = check_parallel_layout(recipe.train, world_size, source)
+    if device:
+        check_plan_fits(plan_recipe(recipe, device, config), source)
     return dp

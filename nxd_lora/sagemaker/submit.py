@@ -236,7 +236,7 @@ def source_archive(recipe: Path, recipe_name: str) -> bytes:
 def check_inputs(submitter: Submitter, spec: JobSpec, recipe) -> dict:
     """Every check before anything is created; returns the checkpoint's manifest."""
     from checkpoint_tools.llama_config import LlamaConfig
-    from nxd_lora.plan import architecture_config, check_architecture, check_parallel_layout, check_plan_fits, plan_memory
+    from nxd_lora.plan import check_job
 
     submitter.check_role(spec.role_arn)
     uris = {"checkpoint": spec.checkpoint, "tokenizer": spec.tokenizer, "output": spec.output, "data": spec.data,
@@ -249,13 +249,8 @@ def check_inputs(submitter: Submitter, spec: JobSpec, recipe) -> dict:
         raise SubmitError(f"checkpoint {spec.checkpoint} was converted for tp={manifest.get('tp')}, "
                           f"the recipe trains with train.tp={train.tp}")
     config = LlamaConfig.from_dict(manifest["config"], source=f"{spec.checkpoint} manifest")
-    if recipe.model.architecture:
-        check_architecture(architecture_config(recipe)[0], config, f"model.architecture vs {spec.checkpoint}")
-    check_parallel_layout(train, spec.ranks, f"{spec.instance_count} x {spec.instance_type}")
-    device = "trn2" if spec.instance_type.startswith("ml.trn2") else "trn1"
-    plan = plan_memory(config, recipe.lora, train.tp, recipe.data.seq_len, train.micro_batch_size,
-                       train.activation_checkpointing, recipe.model.dtype, device)
-    check_plan_fits(plan, "SageMaker job")
+    check_job(recipe, config, spec.ranks, f"{spec.checkpoint} on {spec.instance_count} x {spec.instance_type}",
+              device="trn2" if spec.instance_type.startswith("ml.trn2") else "trn1")
     submitter.check_quota(spec.instance_type, spec.instance_count, spec.spot)
     return manifest
 

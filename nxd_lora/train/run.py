@@ -19,10 +19,10 @@ from checkpoint_tools.export import export_peft
 from checkpoint_tools.nxd_format import BASE_TAG, check_manifest, manifest_config, rank_path
 from nxd_lora.backends import get_backend
 from nxd_lora.checkpointing import SAVE_MODES, save_lora_checkpoint
-from nxd_lora.doctor import check_stack
+from nxd_lora.doctor import check_stack, neuron_platform
 from nxd_lora.lora.model import describe_trainable, load_lora_state_dict
 from nxd_lora.model.builder import build_model
-from nxd_lora.plan import architecture_config, check_architecture, check_parallel_layout, check_plan_fits, plan_recipe
+from nxd_lora.plan import check_job
 from nxd_lora.tokenizer import load_tokenizer
 from nxd_lora.train.config import Recipe
 from nxd_lora.train.data import StepBatches, build_rows
@@ -84,12 +84,8 @@ def check_before_start(recipe: Recipe) -> tuple[Path, dict]:
         raise ValueError("model.checkpoint is required (a directory written by 'nxd-lora convert')")
     base_tag = Path(recipe.model.checkpoint) / BASE_TAG
     manifest = check_manifest(base_tag, tp=cfg.tp)
-    if recipe.model.architecture:
-        check_architecture(architecture_config(recipe)[0], manifest_config(manifest, base_tag),
-                           f"model.architecture={recipe.model.architecture!r} vs {base_tag}")
-    check_parallel_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    if cfg.backend == "neuron":
-        check_plan_fits(plan_recipe(recipe), "nxd-lora train")
+    check_job(recipe, manifest_config(manifest, base_tag), int(os.environ.get("WORLD_SIZE", "1")), str(base_tag),
+              device=neuron_platform() if cfg.backend == "neuron" else None)
     return base_tag, manifest
 
 
