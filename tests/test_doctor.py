@@ -78,7 +78,8 @@ def test_train_refuses_a_stack_that_cannot_run_its_backend(tmp_path, monkeypatch
 def test_the_platform_is_read_from_neuron_ls(tmp_path, monkeypatch):
     trn1 = nxd_standins.write_neuron_ls(tmp_path / "trn1", 32)
     trn2 = nxd_standins.write_neuron_ls(tmp_path / "trn2", 64, cores_per_device=4, logical_neuroncore_config=2)
-    monkeypatch.setenv("PATH", str(trn1))
+    system = __import__("os").environ["PATH"]
+    monkeypatch.setenv("PATH", f"{trn1}:{system}")
     assert doctor.neuron_platform() == "trn1" and doctor.neuron_core_count() == (32, "neuron-ls -j")
-    monkeypatch.setenv("PATH", str(trn2))
+    monkeypatch.setenv("PATH", f"{trn2}:{system}")
     assert doctor.neuron_platform() == "trn2" and doctor.neuron_core_count() == (64, "neuron-ls -j")
