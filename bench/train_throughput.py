@@ -14,6 +14,9 @@ Prints one JSON line per run and a table last. Record results in BENCHMARKS.md.
 
     python bench/train_throughput.py                       # all cases
     python bench/train_throughput.py --cases 1b-2048x8 --impls ours --steps 5
+
+``--device cpu`` runs the same code on the CPU (the tests use it on a tiny shape so this
+script keeps working between the sessions that have a GPU to run it on).
 """
 
 from __future__ import annotations
@@ -28,8 +31,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# A Llama-3-like shape small enough for a CPU: the smoke case that checks the script itself.
+TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rope_theta=500000.0, tie_word_embeddings=False)
+
+
 def _shape(name: str) -> dict:
-    """HF config fields of a public Llama architecture (nxd_lora.model.presets)."""
+    """HF config fields of a public Llama architecture (nxd_lora.model.presets), or TINY."""
+    if name == "tiny":
+        return TINY
     sys.path.insert(0, str(ROOT))
     from nxd_lora.model.presets import PRESETS
 
@@ -38,6 +48,7 @@ def _shape(name: str) -> dict:
 
 # name: (shape, seq_len, micro_batch, activation checkpointing for ours, checkpointing for HF)
 CASES = {
+    "tiny-64x2-mlp": ("tiny", 64, 2, "mlp", True),
     "1b-2048x8": ("llama3.2-1b", 2048, 8, "none", False),
     "1b-4096x4-ckpt": ("llama3.2-1b", 4096, 4, "full", True),
     "1b-4096x4": ("llama3.2-1b", 4096, 4, "none", False),
@@ -56,8 +67,8 @@ def _random_batch(vocab: int, batch: int, seq: int, device):
     return torch.randint(0, vocab, (batch, seq), device=device, generator=gen)
 
 
-def _ours(shape: dict, seq: int, mbs: int, checkpointing: str):
-    """The trainer's model and step functions on the cuda backend."""
+def _ours(shape: dict, seq: int, mbs: int, checkpointing: str, device: str = "cuda"):
+    """The trainer's model and step functions on the backend named ``device`` (cuda or cpu)."""
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -69,14 +80,14 @@ def _ours(shape: dict, seq: int, mbs: int, checkpointing: str):
     from nxd_lora.train.config import TrainConfig
     from nxd_lora.train.module import accumulate_gradients, clip_gradients, loss_tokens, make_optimizer
 
-    backend = get_backend("cuda")
+    backend = get_backend(device)
     backend.setup(1)
     config = LlamaConfig.from_dict(shape)
     model = build_model(config, backend, None, LoraConfig(lora_rank=16, lora_alpha=32), fuse_qkv=True,
                         dtype=torch.bfloat16)
     model.set_activation_checkpointing(checkpointing)
     model.train()
-    train = TrainConfig(backend="cuda", lr=1e-4, micro_batch_size=mbs, grad_clip=1.0)
+    train = TrainConfig(backend=device, lr=1e-4, micro_batch_size=mbs, grad_clip=1.0)
     optimizer = make_optimizer(lora_parameters(model), train)
     ids = _random_batch(config.vocab_size, mbs, seq, backend.device)
     batch = {"input_ids": ids, "labels": ids}
@@ -89,10 +100,11 @@ def _ours(shape: dict, seq: int, mbs: int, checkpointing: str):
         optimizer.zero_grad(set_to_none=True)
         return loss
 
+    step.model = model
     return step
 
 
-def _hf(shape: dict, seq: int, mbs: int, checkpointing: bool):
+def _hf(shape: dict, seq: int, mbs: int, checkpointing: bool, device: str = "cuda"):
     """transformers + peft, configured as the issue's anchor measurements were."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -100,7 +112,7 @@ def _hf(shape: dict, seq: int, mbs: int, checkpointing: bool):
     from transformers import LlamaConfig as HFLlamaConfig
 
     config = HFLlamaConfig(**shape)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
                                              target_modules=["q_proj", "k_proj", "v_proj"], task_type="CAUSAL_LM"))
@@ -109,7 +121,7 @@ def _hf(shape: dict, seq: int, mbs: int, checkpointing: bool):
         model.enable_input_require_grads()
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
-    ids = _random_batch(config.vocab_size, mbs, seq, "cuda")
+    ids = _random_batch(config.vocab_size, mbs, seq, device)
 
     def step():
         loss = model(input_ids=ids, labels=ids).loss
@@ -119,31 +131,37 @@ def _hf(shape: dict, seq: int, mbs: int, checkpointing: bool):
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
+    step.model = model
     return step
 
 
-def run_one(impl: str, case: str, steps: int, warmup: int) -> dict:
+def run_one(impl: str, case: str, steps: int, warmup: int, device: str = "cuda") -> dict:
+    """Build one implementation for one case, run warm-up then timed steps; peak memory on CUDA."""
     import torch
 
     shape_name, seq, mbs, ours_ckpt, hf_ckpt = CASES[case]
     shape = _shape(shape_name)
+    cuda = device == "cuda"
     result = dict(impl=impl, case=case, shape=shape_name, seq=seq, micro_batch=mbs,
                   checkpointing=ours_ckpt if impl == "ours" else ("full" if hf_ckpt else "none"),
-                  device=torch.cuda.get_device_name(), torch=torch.__version__)
+                  device=torch.cuda.get_device_name() if cuda else device, torch=torch.__version__)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     try:
-        step = _ours(shape, seq, mbs, ours_ckpt) if impl == "ours" else _hf(shape, seq, mbs, hf_ckpt)
+        step = (_ours(shape, seq, mbs, ours_ckpt, device) if impl == "ours"
+                else _hf(shape, seq, mbs, hf_ckpt, device))
         losses = [float(step()) for _ in range(warmup)]
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         for _ in range(steps):
             loss = step()
-        torch.cuda.synchronize()
+        sync()
         elapsed = time.perf_counter() - start
         losses.append(float(loss))
         result.update(tokens_per_s=round(steps * mbs * seq / elapsed), step_s=round(elapsed / steps, 4),
-                      peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                      peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
                       first_loss=round(losses[0], 4), last_loss=round(losses[-1], 4))
+        if cuda:
+            result.update(peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                          peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2))
     except torch.OutOfMemoryError:
         result.update(error="out of memory", peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
     return result
@@ -160,30 +178,42 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _run_child(impl: str, case: str, args: argparse.Namespace) -> dict:
+    """One run in a fresh process (its own peak memory); a crash or a hang becomes an error row."""
+    cmd = [sys.executable, __file__, "--one", f"{impl}:{case}", "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--device", args.device]
+    failed = dict(impl=impl, case=case, checkpointing="?")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.run_timeout,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    except subprocess.TimeoutExpired:
+        return dict(failed, error=f"timed out after {args.run_timeout:.0f} s")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    return json.loads(lines[-1]) if lines else dict(failed, error=f"exit {proc.returncode}: {proc.stderr[-800:]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {list(CASES)}")
     parser.add_argument("--impls", default="hf,ours")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--run-timeout", type=float, default=300.0,
+                        help="seconds one (implementation, case) run may take before it is recorded as timed out")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # impl:case, run in this process
     parser.add_argument("--out", help="also append the JSON lines to this file")
     args = parser.parse_args()
     if args.one:
         impl, case = args.one.split(":")
-        print(json.dumps(run_one(impl, case, args.steps, args.warmup)), flush=True)
+        print(json.dumps(run_one(impl, case, args.steps, args.warmup, args.device)), flush=True)
         return
     rows = []
     for case in args.cases.split(","):
         if case not in CASES:
             parser.error(f"unknown case {case!r}; choose from {list(CASES)}")
         for impl in args.impls.split(","):
-            cmd = [sys.executable, __file__, "--one", f"{impl}:{case}", "--steps", str(args.steps),
-                   "--warmup", str(args.warmup)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-            row = json.loads(lines[-1]) if lines else dict(impl=impl, case=case, checkpointing="?",
-                                                           error=f"exit {proc.returncode}: {proc.stderr[-800:]}")
+            row = _run_child(impl, case, args)
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.out:

@@ -171,12 +171,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """argparse, with ``section.key=value`` overrides allowed on both sides of options.
+
+    A ``nargs="*"`` positional only takes the run of values before the first option, so
+    ``plan cfg a=1 --device h100 b=2`` would reject ``b=2``; such leftovers join the overrides.
+    """
+    args, leftover = parser.parse_known_args(argv)
+    late = [item for item in leftover if "=" in item and not item.startswith("-")]
+    unknown = [item for item in leftover if item not in late]
+    if unknown or (late and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or late)}")
+    if late:
+        args.overrides = list(args.overrides or []) + late
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     from nxd_lora.backends.base import BackendUnavailable
     from nxd_lora.doctor import StackMismatch
     from nxd_lora.sagemaker.submit import SubmitError
 
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
         return args.func(args)
     except (ValueError, KeyError, FileNotFoundError, FileExistsError, NotImplementedError, BackendUnavailable,

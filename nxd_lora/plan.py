@@ -93,16 +93,21 @@ def activation_bytes_per_token(config: LlamaConfig, lora: LoraConfig, tp: int, k
     """(bytes kept per token per layer for backward, bytes of one layer's full set while recomputed).
 
     The hidden state is whole on every rank (no sequence parallelism); projections are sharded.
-    LoRA's ``lora_A`` keeps an fp32 copy of its input.
+    LoRA's ``lora_A`` keeps its input: in the model dtype for a replicated ``lora_A``
+    (column-parallel bases) without dropout, else as the fp32 copy, plus the dropout mask
+    (fp32 on CPU and XLA, where dropout multiplies by a float mask; one byte on CUDA), see
+    ``nxd_lora.lora.layers``.
     """
     h, hd, f = config.hidden_size, config.head_dim, config.intermediate_size
     targets = set(lora.target_modules)
     q, kv, o = config.num_attention_heads * hd // tp, config.num_key_value_heads * kvm * hd // tp, \
         config.num_attention_heads * hd // tp
+    dropout = 4 + 4 if lora.lora_dropout > 0 else 0
+    column_input, row_input = dropout or dtype_bytes, dropout or 4
     attention = dtype_bytes * (h + q + 2 * kv + o)              # norm input, q/k/v and output kept by SDPA
-    attention += 4 * h * ("qkv_proj" in targets) + 4 * o * ("o_proj" in targets)
+    attention += column_input * h * ("qkv_proj" in targets) + row_input * o * ("o_proj" in targets)
     mlp = dtype_bytes * (h + 2 * f // tp)                       # norm input, gate_up kept by SwiGLU
-    mlp += 4 * h * ("gate_up_proj" in targets) + 4 * (f // tp) * ("down_proj" in targets)
+    mlp += column_input * h * ("gate_up_proj" in targets) + row_input * (f // tp) * ("down_proj" in targets)
     layer = attention + mlp
     kept = {"none": layer, "mlp": attention + dtype_bytes * h, "full": dtype_bytes * h}[mode]
     return float(kept), float(layer if mode != "none" else 0)

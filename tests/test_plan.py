@@ -58,16 +58,17 @@ def test_lora_elements_per_rank_are_the_models(tmp_path):
 
 @pytest.mark.parametrize("targets", [["qkv_proj"], ALL_TARGETS])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_activation_estimate_is_what_autograd_keeps(targets, dtype):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_activation_estimate_is_what_autograd_keeps(targets, dtype, dropout):
     """Bytes saved for backward per token and layer, measured with saved-tensor hooks (weights
     excluded: they are kept anyway), against the plan's formula, for each checkpointing mode."""
     config = LlamaConfig.from_dict(dict(LLAMA3_TINY, hidden_size=256, intermediate_size=768, num_attention_heads=8,
                                         num_key_value_heads=2, num_hidden_layers=3, vocab_size=256))
-    lora = LoraConfig(lora_rank=8, target_modules=targets)
+    lora = LoraConfig(lora_rank=8, target_modules=targets, lora_dropout=dropout)
     backend = get_backend("cpu")
     backend.setup(1)
     try:
-        model = build_model(config, backend, None, lora, dtype=dtype)
+        model = build_model(config, backend, None, lora, dtype=dtype).train()
         seq = 256
         hidden = model.model.embed_tokens(torch.randint(0, 256, (1, seq))).detach().requires_grad_()
         cos, sin = model.model.rotary_emb(torch.arange(seq)[None], hidden.dtype)
@@ -106,6 +107,17 @@ def test_a_plan_that_cannot_fit_is_refused_with_its_numbers(capsys):
     err = capsys.readouterr().err
     assert "GiB per rank, more than the 16 GiB of a trn1 rank" in err
     assert "activations (none)" in err and "train.activation_checkpointing=full" in err
+
+
+def test_overrides_may_follow_options(capsys):
+    recipe = str(CONFIGS / "llama3-8b-trn1-tp32.yaml")
+    assert main(["plan", recipe, "train.backend=cuda", "--device", "h100", "train.tp=1",
+                 "train.micro_batch_size=8", "train.activation_checkpointing=full"]) == 0
+    out = capsys.readouterr().out
+    assert "micro_batch_size 8, activation_checkpointing full" in out and "on h100 (80 GiB), tp=1" in out
+    with pytest.raises(SystemExit):
+        main(["plan", recipe, "--device", "h100", "--no-such-flag"])
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
 
 
 def test_layout_errors_name_the_numbers(capsys):

@@ -41,6 +41,28 @@ def _replicated_lora_a(in_features: int, config: LoraConfig, seed: int) -> nn.Li
     return lora_a
 
 
+class _Fp32LoraA(torch.autograd.Function):
+    """``x.float() @ A.T`` that keeps ``x`` in its own dtype for backward.
+
+    Written plainly, autograd keeps the fp32 copy of a bf16 ``x`` (twice its size) for
+    ``A``'s gradient; on a bf16 model that copy is the largest LoRA activation. Upcasting
+    again in backward gives the same gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return x.to(weight.dtype) @ weight.t()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = (grad @ weight).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(weight.dtype)
+        return grad_x, grad_weight
+
+
 class LoraLayer(nn.Module):
     """Common forward: ``base(x) + lora_B(lora_A(dropout(x))) * scaling``."""
 
@@ -55,6 +77,10 @@ class LoraLayer(nn.Module):
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
 
     def lora_forward(self, x: torch.Tensor):
+        dropout = self.training and isinstance(self.lora_dropout, nn.Dropout)
+        if type(self.lora_A) is nn.Linear and not dropout:  # replicated A (column-parallel and qkv bases)
+            return self.lora_B(_Fp32LoraA.apply(x, self.lora_A.weight))
+        # Dropout in fp32 as PEFT does it; its fp32 output is a new tensor kept for backward anyway.
         return self.lora_B(self.lora_A(self.lora_dropout(x.to(torch.float32))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -74,11 +74,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from nxd_lora.cli import parse_args
     from nxd_lora.sagemaker.submit import SubmitError
 
     parser = argparse.ArgumentParser(prog="launch/sagemaker.py", description="nxd-lora training jobs on SageMaker")
     add_commands(parser)
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     try:
         return run(args)
     except (SubmitError, ValueError, FileNotFoundError) as err:
