@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from train_throughput import TINY, _hf, _ours  # noqa: E402  (the same two training steps)
+from train_throughput import _hf, _ours, _shape  # noqa: E402  (the same two training steps and shapes)
 
 RUNS = [("ours", "none"), ("ours", "mlp"), ("ours", "full"), ("hf", "none"), ("hf", "full")]
 
@@ -39,8 +39,7 @@ def measure(impl: str, mode: str, shape: dict, seq: int) -> tuple[float, float]:
     """(bytes kept for backward, FLOPs) of one training step on one row of ``seq`` tokens."""
     torch.manual_seed(0)
     step = _ours(shape, seq, 1, mode, "cpu") if impl == "ours" else _hf(shape, seq, 1, mode == "full", "cpu")
-    model_params = step.model.parameters()
-    weights = {p.untyped_storage().data_ptr() for p in model_params}
+    weights = {p.untyped_storage().data_ptr() for p in step.model.parameters()}
     kept: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -62,12 +61,7 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, nargs="+", default=[1, 2, 8], help="project to these")
     parser.add_argument("--runs", default=",".join(f"{i}:{m}" for i, m in RUNS), help="impl:checkpointing,...")
     args = parser.parse_args()
-    if args.preset == "tiny":
-        shape = TINY
-    else:
-        from nxd_lora.model.presets import PRESETS
-
-        shape = PRESETS[args.preset]
+    shape = _shape(args.preset)
     layers = args.layers or shape["num_hidden_layers"]
     rows = []
     for run in args.runs.split(","):

@@ -102,8 +102,10 @@ def activation_bytes_per_token(config: LlamaConfig, lora: LoraConfig, tp: int, k
     targets = set(lora.target_modules)
     q, kv, o = config.num_attention_heads * hd // tp, config.num_key_value_heads * kvm * hd // tp, \
         config.num_attention_heads * hd // tp
-    dropout = 4 + 4 if lora.lora_dropout > 0 else 0
-    column_input, row_input = dropout or dtype_bytes, dropout or 4
+    if lora.lora_dropout > 0:  # dropout's fp32 output and its fp32 mask
+        column_input = row_input = 4 + 4
+    else:  # the input itself for a replicated lora_A, its fp32 copy for a sharded one
+        column_input, row_input = dtype_bytes, 4
     attention = dtype_bytes * (h + q + 2 * kv + o)              # norm input, q/k/v and output kept by SDPA
     attention += column_input * h * ("qkv_proj" in targets) + row_input * o * ("o_proj" in targets)
     mlp = dtype_bytes * (h + 2 * f // tp)                       # norm input, gate_up kept by SwiGLU
