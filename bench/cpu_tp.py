@@ -24,14 +24,14 @@ def time_steps(tp: int, steps: int, seq: int, micro_batch: int) -> dict:
 
     from checkpoint_tools.llama_config import LlamaConfig, check_tensor_parallel
     from nxd_lora.backends import get_backend
-    from nxd_lora.demo import DEMO_CONFIG
+    from nxd_lora.demo import TINY_CONFIG
     from nxd_lora.lora.config import LoraConfig
     from nxd_lora.lora.model import lora_parameters
     from nxd_lora.model.builder import build_model
     from nxd_lora.train.config import TrainConfig
     from nxd_lora.train.module import accumulate_gradients, clip_gradients, loss_tokens, make_optimizer
 
-    config = LlamaConfig.from_dict(DEMO_CONFIG)
+    config = LlamaConfig.from_dict(TINY_CONFIG)
     backend = get_backend("cpu")
     backend.setup(tp, check_tensor_parallel(config, tp))
     try:

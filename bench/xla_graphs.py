@@ -34,14 +34,14 @@ def _run(overrides: list[str]) -> dict:
 
 def main() -> None:
     from checkpoint_tools.convert import convert_to_nxd
-    from nxd_lora.demo import DEMO_OVERRIDES, write_tiny_hf_model
+    from nxd_lora.demo import TINY_OVERRIDES, write_tiny_hf_model
     from nxd_lora.local_launch import spawn_ranks
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         convert_to_nxd(write_tiny_hf_model(tmp / "hf"), tmp / "tp1", 1, log=lambda m: None)
         for packing in (True, False):
-            overrides = [f"model.checkpoint={tmp / 'tp1'}", f"model.tokenizer={tmp / 'hf'}", *DEMO_OVERRIDES,
+            overrides = [f"model.checkpoint={tmp / 'tp1'}", f"model.tokenizer={tmp / 'hf'}", *TINY_OVERRIDES,
                          "train.backend=xla", "train.tp=1", f"train.max_steps={STEPS}", f"train.log_every={EVERY}",
                          f"train.val_every={EVERY}", "train.save_every=0", "train.save_modes=[adapter]",
                          "train.loggers=[csv]", f"data.packing={str(packing).lower()}", "data.seq_len=256",

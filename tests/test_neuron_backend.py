@@ -14,7 +14,7 @@ import nxd_standins
 from checkpoint_tools.convert import convert_to_nxd
 from nxd_lora import parallel
 from nxd_lora.backends.neuron import NXD_NAMES, PARALLEL_STATE, masked_cross_entropy
-from nxd_lora.demo import DEMO_OVERRIDES, write_tiny_hf_model
+from nxd_lora.demo import TINY_OVERRIDES, write_tiny_hf_model
 from nxd_lora.local_launch import spawn_ranks
 
 HAVE_NXD = importlib.util.find_spec("neuronx_distributed") is not None
@@ -90,7 +90,7 @@ def test_neuron_backend_trains_like_the_xla_backend_through_nxds_api(tmp_path):
     bound to NxD's signatures), the doctor and plan checks, the lazy step. Same losses as ``xla``."""
     write_tiny_hf_model(tmp_path / "hf")
     convert_to_nxd(tmp_path / "hf", tmp_path / "tp1", 1, log=lambda m: None)
-    common = [f"model.checkpoint={tmp_path / 'tp1'}", f"model.tokenizer={tmp_path / 'hf'}", *DEMO_OVERRIDES,
+    common = [f"model.checkpoint={tmp_path / 'tp1'}", f"model.tokenizer={tmp_path / 'hf'}", *TINY_OVERRIDES,
               "train.tp=1", "train.max_steps=8", "train.log_every=4", "train.save_every=4", "train.save_modes=[adapter]",
               "train.loggers=[csv]", "data.val_fraction=0.1", "model.dtype=bfloat16",
               "train.activation_checkpointing=mlp"]

@@ -14,7 +14,7 @@ def test_regex_split_without_punkt_data():
 def test_rouge_reported_after_training(tmp_path):
     pytest.importorskip("rouge_score")
     from checkpoint_tools.convert import convert_to_nxd
-    from nxd_lora.demo import DEMO_OVERRIDES, write_tiny_hf_model
+    from nxd_lora.demo import TINY_OVERRIDES, write_tiny_hf_model
     from nxd_lora.train.config import load_recipe
     from nxd_lora.train.run import train
 
@@ -24,7 +24,7 @@ def test_rouge_reported_after_training(tmp_path):
 
     os.environ["NXD_LORA_NO_BAR"] = "1"
     result = train(load_recipe(None, [
-        f"model.checkpoint={tmp_path / 'tp1'}", f"model.tokenizer={tmp_path / 'hf'}", *DEMO_OVERRIDES, "train.tp=1",
+        f"model.checkpoint={tmp_path / 'tp1'}", f"model.tokenizer={tmp_path / 'hf'}", *TINY_OVERRIDES, "train.tp=1",
         "train.max_steps=5", "train.save_every=0", "train.save_modes=[adapter]", "train.loggers=[csv]",
         "train.rouge=true", "train.rouge_max_new_tokens=8", f"train.output_dir={tmp_path / 'run'}",
     ]))

@@ -9,7 +9,7 @@ import pytest
 
 from checkpoint_tools.convert import convert_to_nxd
 from nxd_lora.data.records import read_records, sample_data_path
-from nxd_lora.demo import DEMO_OVERRIDES, write_tiny_hf_model
+from nxd_lora.demo import TINY_OVERRIDES, write_tiny_hf_model
 from nxd_lora.local_launch import spawn_ranks
 from nxd_lora.train.config import load_recipe
 from nxd_lora.train.run import train
@@ -36,7 +36,7 @@ def tiny(tmp_path_factory):
 
 def _overrides(tiny: Path, out: Path, *extra: str) -> list[str]:
     return [f"model.checkpoint={tiny / 'tp2'}", f"model.tokenizer={tiny / 'hf'}", "train.tp=2",
-            f"train.output_dir={out}", *DEMO_OVERRIDES, "train.loggers=[csv]", *extra]
+            f"train.output_dir={out}", *TINY_OVERRIDES, "train.loggers=[csv]", *extra]
 
 
 def test_loss_falls_by_half_on_a_memorisable_set(tiny, tmp_path):

@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 
 from checkpoint_tools.convert import convert_to_nxd
-from nxd_lora.demo import DEMO_OVERRIDES, write_tiny_hf_model
+from nxd_lora.demo import TINY_OVERRIDES, write_tiny_hf_model
 from nxd_lora.local_launch import spawn_ranks
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("torch_xla") is None,
@@ -29,7 +29,7 @@ def test_train_on_xla_compiles_its_step_graph_once_and_reads_only_at_log_steps(t
     write_tiny_hf_model(tmp_path / "hf")
     convert_to_nxd(tmp_path / "hf", tmp_path / "tp1", 1, log=lambda m: None)
     overrides = [
-        f"model.checkpoint={tmp_path / 'tp1'}", f"model.tokenizer={tmp_path / 'hf'}", *DEMO_OVERRIDES,
+        f"model.checkpoint={tmp_path / 'tp1'}", f"model.tokenizer={tmp_path / 'hf'}", *TINY_OVERRIDES,
         "train.backend=xla", "train.tp=1", "train.max_steps=16", "train.log_every=4", "train.save_every=0",
         "train.save_modes=[adapter]", "train.loggers=[csv]", "data.val_fraction=0", f"train.output_dir={tmp_path / 'run'}",
     ]

@@ -63,7 +63,11 @@ def _chat_template_prompt_and_answer(messages: list[dict[str, str]], tok: Tokeni
     if not full.startswith(prompt) or messages[-1]["content"] not in full[len(prompt):]:
         raise ValueError("the tokenizer's chat_template does not render the conversation as prompt + answer; "
                          "choose template 'llama3' or 'alpaca'")
-    return tok.encode(prompt, specials_in_text=True), tok.encode(full[len(prompt):], specials_in_text=True)
+    answer = full[len(prompt):]
+    eos = variables["eos_token"]
+    if eos and answer.rstrip().endswith(eos):
+        answer = answer.rstrip()  # the turn ends at eos; the template's newline after it is not learned
+    return tok.encode(prompt, specials_in_text=True), tok.encode(answer, specials_in_text=True)
 
 
 _BUILDERS = {"tokenizer": _chat_template_prompt_and_answer, "llama3": _llama3_prompt_and_answer,
@@ -86,3 +90,10 @@ def encode_record(record: Record, tok: Tokenizer, template: str = "auto", train_
     prompt, answer = _BUILDERS[resolve_template(template, tok)](record.messages, tok)
     labels = (prompt if train_on_prompt else [IGNORE_INDEX] * len(prompt)) + answer
     return Encoded(prompt + answer, labels, len(prompt), record.source)
+
+
+def encode_prompt(messages: list[dict[str, str]], tok: Tokenizer, template: str = "auto") -> list[int]:
+    """The ids a model is given to generate the next assistant turn after ``messages``
+    (the same prompt training masks, so generation sees what training saw)."""
+    prompt, _ = _BUILDERS[resolve_template(template, tok)]([*messages, {"role": "assistant", "content": ""}], tok)
+    return prompt

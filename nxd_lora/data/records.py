@@ -108,6 +108,8 @@ def read_records(path: str | Path, on_error: str = "fail") -> ReadReport:
     return report
 
 
-def sample_data_path() -> Path:
-    """The small instruction set shipped with the package (dolly schema, written for this project)."""
-    return Path(__file__).with_name("sample") / "instructions.jsonl"
+def sample_data_path(name: str = "instructions.jsonl") -> Path:
+    """A data file shipped with the package (written for this project): ``instructions.jsonl``
+    (general instructions, dolly schema), ``facts.jsonl`` (made-up facts no pretrained model
+    knows, for the demo) and ``eval_questions.jsonl`` (the demo's held-apart questions)."""
+    return Path(__file__).with_name("sample") / name

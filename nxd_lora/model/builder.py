@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 
+from checkpoint_tools.atomic_io import load_tensors
 from checkpoint_tools.llama_config import LlamaConfig
+from checkpoint_tools.nxd_format import check_manifest, manifest_config, rank_path, read_manifest
 from checkpoint_tools.tp_layout import shard_hf_state_dict
 from nxd_lora.backends.base import Backend
 from nxd_lora.lora.config import LoraConfig
-from nxd_lora.lora.model import apply_lora, load_base_state_dict
+from nxd_lora.lora.model import apply_lora, load_base_state_dict, load_lora_state_dict
 from nxd_lora.model.llama import LlamaForCausalLM
 
 
@@ -45,3 +48,16 @@ def rank_state_from_hf(hf_state: dict[str, torch.Tensor], config: LlamaConfig, b
                        fuse_qkv: bool = False) -> dict[str, torch.Tensor]:
     """Shard a full HF state dict in memory and keep this rank's part (small models and tests)."""
     return shard_hf_state_dict(hf_state, config, backend.tp_size, fuse_qkv)[backend.tp_rank]
+
+
+def build_trained_model(base_tag: str | Path, lora_tag: str | Path, backend: Backend) -> LlamaForCausalLM:
+    """This rank's model from a converted base tag plus a trained ``adapter`` (or ``base+adapter``)
+    tag, on an already set-up ``backend``: the model as training left it, for evaluation."""
+    lora_manifest = read_manifest(Path(lora_tag))
+    manifest = check_manifest(Path(base_tag), tp=backend.tp_size, fuse_qkv=lora_manifest["fuse_qkv"])
+    config = manifest_config(manifest, Path(base_tag))
+    model = build_model(config, backend, load_tensors(rank_path(base_tag, backend.tp_rank)),
+                        LoraConfig(**lora_manifest["lora"]), fuse_qkv=manifest["fuse_qkv"])
+    adapter = load_tensors(rank_path(lora_tag, backend.tp_rank))
+    load_lora_state_dict(model, {k: v for k, v in adapter.items() if "lora_" in k}, str(lora_tag))
+    return model.eval()

@@ -9,6 +9,7 @@ clipping counts every element once even when TP ranks hold replicas.
 from __future__ import annotations
 
 import math
+import time
 
 import lightning as L
 import torch
@@ -125,8 +126,10 @@ class LoraModule(L.LightningModule):
         self.automatic_optimization = False
         self.on_step_end, self.resume_states, self.sync = on_step_end, resume_states, sync
         self.history: list[float] = []
+        self.step_ends: list[float] = []  # wall clock at the end of each step (benchmarks' time per step)
 
     def on_train_start(self) -> None:
+        self.step_ends.append(time.perf_counter())
         if self.resume_states is not None:
             optimizer_state, scheduler_state = self.resume_states
             self.optimizers().optimizer.load_state_dict(optimizer_state)
@@ -173,3 +176,4 @@ class LoraModule(L.LightningModule):
                 self.log_dict(metrics, prog_bar=True, logger=False, on_step=True)
         if self.on_step_end is not None:
             self.on_step_end(self)
+        self.step_ends.append(time.perf_counter())

@@ -180,7 +180,9 @@ def train(recipe: Recipe) -> dict:
         metrics = evaluate(model, rows.val, backend.device)
 
         def summary(saved: dict) -> dict:
+            ends = module.step_ends
             return {"losses": module.history, "val": metrics, "saved": saved, "steps": module.step_count,
+                    "step_seconds": [b - a for a, b in zip(ends, ends[1:])],
                     "data": rows.report, "step_stats": getattr(backend, "step_stats", [])}
 
         if precompile:
