@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nxd_lora.data.records import read_records, sample_data_path  # noqa: E402
-from nxd_lora.demo import run_demo  # noqa: E402
+from nxd_lora.demo import real_model_dirs, run_demo  # noqa: E402
 
 
 def trained_answers() -> dict[str, str]:
@@ -93,11 +93,12 @@ def main() -> None:
         for i, variant in enumerate(variants):
             workdir = base / f"variant{i}"
             workdir.mkdir(parents=True, exist_ok=True)
-            for name in ("smollm2-135m-hf", "smollm2-135m-tp3"):
+            names = [d.name for d in real_model_dirs(workdir)]
+            for name in names:
                 if (prepared / name).exists() and not (workdir / name).exists():
                     (workdir / name).symlink_to(prepared / name)
             line = run(variant, workdir)
-            for name in ("smollm2-135m-hf", "smollm2-135m-tp3"):
+            for name in names:
                 if not (prepared / name).exists() and (workdir / name).is_dir():
                     prepared.mkdir(exist_ok=True)
                     (workdir / name).rename(prepared / name)

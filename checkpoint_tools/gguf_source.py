@@ -14,6 +14,7 @@ Anything else is an error that names the file, the key or tensor, and what was e
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -129,6 +130,11 @@ class GGUFSource(Source):
         if self.config.tie_word_embeddings:
             self.shapes.pop("lm_head.weight", None)
         self._reader = reader
+
+    @property
+    def tensor_types(self) -> dict[str, int]:
+        """How many tensors of each GGUF type the file holds (``inspect`` shows it)."""
+        return dict(Counter(t.tensor_type.name for t in self.tensors.values()))
 
     @property
     def dtype(self) -> torch.dtype:

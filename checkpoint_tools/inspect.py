@@ -1,4 +1,4 @@
-"""Describe any supported checkpoint: NxD (from its manifest) or HF / Meta (from the files)."""
+"""Describe any supported checkpoint: NxD (from its manifest) or HF / Meta / GGUF (from the files)."""
 
 from __future__ import annotations
 
@@ -46,4 +46,6 @@ def inspect_path(path: str | Path, verify: bool = False) -> tuple[str, list[str]
         f"  dtype={str(source.dtype).removeprefix('torch.')} parameters={params:,}",
         "  config: " + json.dumps(source.config.to_hf_dict(), sort_keys=True),
     ]
+    if getattr(source, "tensor_types", None):
+        lines.append("  tensor types: " + ", ".join(f"{k} x{v}" for k, v in sorted(source.tensor_types.items())))
     return "\n".join(lines), []

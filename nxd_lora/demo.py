@@ -22,6 +22,7 @@ import json
 import os
 import textwrap
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -88,9 +89,14 @@ def write_tiny_hf_model(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
+def real_model_dirs(root: Path, tp: int = REAL_TP) -> tuple[Path, Path]:
+    """Where the demo keeps the real model: (HF directory, NxD checkpoint)."""
+    return root / "smollm2-135m-hf", root / f"smollm2-135m-tp{tp}"
+
+
 def prepare_real_model(root: Path, gguf: Path, tp: int = REAL_TP) -> tuple[Path, Path]:
     """GGUF -> HF directory -> NxD TP checkpoint, each step skipped when its output is complete."""
-    hf_dir, ckpt = root / "smollm2-135m-hf", root / f"smollm2-135m-tp{tp}"
+    hf_dir, ckpt = real_model_dirs(root, tp)
     if not (hf_dir / "model.safetensors.index.json").is_file():
         convert_source_to_hf(gguf, hf_dir, overwrite=True)
     if not (ckpt / BASE_TAG / "done").is_file():
@@ -184,9 +190,51 @@ def contains(answer: str, expected: str) -> bool:
     return expected.lower() in answer.lower()
 
 
+def _prepare(root: Path, tiny: bool, gguf: str | Path | None, rank0: bool) -> tuple[Path, Path, list[str]]:
+    """(HF directory, NxD checkpoint, recipe overrides); rank 0 converts what is not there yet."""
+    if tiny:
+        hf_dir, ckpt = root / "tiny-llama-hf", root / f"tiny-llama-tp{TINY_TP}"
+        if rank0 and not (ckpt / BASE_TAG / "done").exists():
+            write_tiny_hf_model(hf_dir)
+            convert_to_nxd(hf_dir, ckpt, TINY_TP, overwrite=True)
+        return hf_dir, ckpt, [*TINY_OVERRIDES]
+    from nxd_lora.assets import asset_path
+
+    hf_dir, ckpt = real_model_dirs(root)
+    if rank0:
+        prepare_real_model(root, Path(gguf) if gguf else asset_path())
+    return hf_dir, ckpt, [*REAL_OVERRIDES, f"data.train_files={json.dumps(demo_train_files())}"]
+
+
+def _wait_for(path: Path, timeout: float = 900.0) -> None:
+    """Under torchrun, ranks other than 0 wait for rank 0's conversion."""
+    deadline = time.monotonic() + timeout
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path}: rank 0 did not finish the conversion within {timeout:.0f} s")
+        time.sleep(1)
+
+
+@contextmanager
+def _one_process_group(launched: bool):
+    """Under torchrun, one gloo group for the whole demo (the backends leave a group they did not
+    create in place); spawned ranks make their own."""
+    import torch.distributed as dist
+
+    if not launched or dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", init_method="env://")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def run_demo(output: str = "demo_output", tiny: bool = False, extra_overrides: list[str] = (),
              gguf: str | Path | None = None, quiet_bar: bool = False) -> dict:
-    """Prepare the model, train on ``tp`` spawned ranks (or this rank under torchrun), export, compare."""
+    """Prepare the model, train on spawned ranks (or on this rank under torchrun), export, compare.
+    Returns rank 0's training summary with the answers and the logit differences."""
     from checkpoint_tools.export import export_merged, export_peft
 
     root = Path(output).resolve()
@@ -194,34 +242,23 @@ def run_demo(output: str = "demo_output", tiny: bool = False, extra_overrides: l
     rank0 = int(os.environ.get("RANK", "0")) == 0
     tp = TINY_TP if tiny else REAL_TP
     started = time.perf_counter()
-    if tiny:
-        hf_dir, ckpt = root / "tiny-llama-hf", root / f"tiny-llama-tp{tp}"
-        if rank0 and not (ckpt / BASE_TAG / "done").exists():
-            write_tiny_hf_model(hf_dir)
-            convert_to_nxd(hf_dir, ckpt, tp, overwrite=True)
-        overrides = [*TINY_OVERRIDES]
-    else:
-        from nxd_lora.assets import asset_path
-
-        hf_dir, ckpt = root / "smollm2-135m-hf", root / f"smollm2-135m-tp{tp}"
-        if rank0:
-            prepare_real_model(root, Path(gguf) if gguf else asset_path(), tp)
-        overrides = [*REAL_OVERRIDES, f"data.train_files={json.dumps(demo_train_files())}"]
+    hf_dir, ckpt, overrides = _prepare(root, tiny, gguf, rank0)
     overrides = [f"model.checkpoint={ckpt}", f"model.tokenizer={hf_dir}", f"train.tp={tp}",
                  f"train.output_dir={root / 'run'}", *overrides, *extra_overrides]
     if quiet_bar:
         os.environ["NXD_LORA_NO_BAR"] = "1"
+
     def on_every_rank(fn, *args):
         return fn(*args) if launched else spawn_ranks(fn, tp, *args)[0]
 
-    if launched and not rank0:  # rank 0 converts; the others wait for its checkpoint
-        while not (ckpt / BASE_TAG / "done").is_file():
-            time.sleep(1)
-    result = on_every_rank(_train_rank, None, overrides)
     final = root / "run" / "final"
     questions = [q for q in eval_questions() if q["kind"] == "general"][:3] if tiny else eval_questions()
-    probe = probe_ids(hf_dir, questions[0]["question"])
-    ours = on_every_rank(trained_logits, str(ckpt), str(final / "adapter"), tp, probe)
+    with _one_process_group(launched):  # torchrun's store takes one group per job: train and check share it
+        if launched and not rank0:
+            _wait_for(ckpt / BASE_TAG / "done")
+        result = on_every_rank(_train_rank, None, overrides)
+        probe = probe_ids(hf_dir, questions[0]["question"])
+        ours = on_every_rank(trained_logits, str(ckpt), str(final / "adapter"), tp, probe)
     if not rank0:
         return result
     losses = result["losses"]
@@ -230,22 +267,19 @@ def run_demo(output: str = "demo_output", tiny: bool = False, extra_overrides: l
     export_merged(final / "merged", root / "merged-hf", overwrite=True, tokenizer_dir=hf_dir)
     compared = answers(hf_dir, root / "peft-adapter", [q["question"] for q in questions],
                        merged_dir=root / "merged-hf", probe=probe)
-    rows, scored = [], []
-    for q, (before, after) in zip(questions, compared["pairs"]):
-        rows.append((q["question"], q["expect"], before, after))
-        scored.append(dict(q, base=before, tuned=after, base_ok=contains(before, q["expect"]),
-                           tuned_ok=contains(after, q["expect"])))
+    scored = [dict(q, base=before, tuned=after, base_ok=contains(before, q["expect"]),
+                   tuned_ok=contains(after, q["expect"])) for q, (before, after) in zip(questions, compared["pairs"])]
     print("[demo] base vs tuned, greedy (taught facts first, then general questions):")
-    print(answer_table(rows))
+    print(answer_table([(s["question"], s["expect"], s["base"], s["tuned"]) for s in scored]))
     for kind in ("taught", "general"):
         picked = [s for s in scored if s["kind"] == kind]
         if picked:
             print(f"[demo] {kind}: expected word in base answers {sum(s['base_ok'] for s in picked)}/{len(picked)}, "
                   f"in tuned answers {sum(s['tuned_ok'] for s in picked)}/{len(picked)}")
-    print(f"[demo] max |logit| difference, PEFT vs merged export: {compared['peft_vs_merged']:.2e}")
-    result["tp_vs_peft"] = float((ours - compared["peft_logits"]).abs().max())
+    result.update(answers=scored, peft_vs_merged=compared["peft_vs_merged"],
+                  tp_vs_peft=float((ours - compared["peft_logits"]).abs().max()),
+                  recipe=load_recipe(None, overrides).to_dict(), seconds=time.perf_counter() - started)
+    print(f"[demo] max |logit| difference, PEFT vs merged export: {result['peft_vs_merged']:.2e}")
     print(f"[demo] max |logit| difference, our TP={tp} model vs transformers+peft: {result['tp_vs_peft']:.2e}")
-    result.update(answers=scored, peft_vs_merged=compared["peft_vs_merged"], recipe=load_recipe(None, overrides).to_dict(),
-                  seconds=time.perf_counter() - started)
     print(f"[demo] done in {result['seconds']:.0f} s; outputs under {root}")
     return result

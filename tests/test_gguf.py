@@ -117,3 +117,16 @@ def test_unknown_tensor_and_llama3_rope_freqs_are_refused(tmp_path, tiny_model):
                            extra_tensors={"blk.0.attn_qkv.weight": (np.ones((4, 4), dtype=np.float32), "F32")})
     with pytest.raises(CheckpointError, match=r"odd\.gguf: unexpected tensor 'blk\.0\.attn_qkv\.weight'"):
         open_source(odd)
+
+
+def test_cli_converts_and_inspects_a_gguf_file(tmp_path, tiny_model, capsys):
+    from nxd_lora.cli import main
+
+    path = write_llama_gguf(tmp_path / "tiny.gguf", GGUF_TINY, hf_state_dict(tiny_model), "Q8_0")
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"gguf checkpoint {path}" in out and "tensor types: F32 x5, Q8_0 x16" in out
+    assert main(["convert", str(path), str(tmp_path / "hf")]) == 0
+    assert main(["convert", str(path), str(tmp_path / "nxd"), "--tp", "2"]) == 0
+    assert main(["convert", str(path), str(tmp_path / "bad"), "--tp", "3"]) == 2
+    assert "num_attention_heads=4 is not divisible by tp=3" in capsys.readouterr().err

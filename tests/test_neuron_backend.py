@@ -104,8 +104,11 @@ def test_neuron_backend_trains_like_the_xla_backend_through_nxds_api(tmp_path):
     assert len(neuron["qkv_calls"]) == 2 * layers
     assert all(c["kv_size_multiplier"] == "1" and c["fuse_qkv"] == "False" for c in neuron["qkv_calls"])
     assert len(neuron["losses"]) == 2 and neuron["losses"][-1] < neuron["losses"][0]
-    assert neuron["losses"] == pytest.approx(xla["losses"], rel=2e-3)
-    assert neuron["val"]["val/loss"] == pytest.approx(xla["val"]["val/loss"], rel=2e-3)
+    # bf16 weights, and the two paths round in different places (NxD's layers vs ours): within one
+    # bf16 unit of least precision (2**-8). 2e-3 held on the machine this was written on; on an AVX2
+    # host (AMD EPYC) the first loss differs by 2.4e-3.
+    assert neuron["losses"] == pytest.approx(xla["losses"], rel=2**-8)
+    assert neuron["val"]["val/loss"] == pytest.approx(xla["val"]["val/loss"], rel=2**-8)
     assert (tmp_path / "neuron" / "checkpoints" / "step_4" / "done").is_file()
     assert (tmp_path / "neuron" / "final" / "peft" / "adapter_config.json").is_file()
     compiles = [s["compiles"] for s in neuron["step_stats"]]

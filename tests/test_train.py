@@ -129,3 +129,15 @@ def test_under_neuron_parallel_compile_a_few_steps_run_and_nothing_is_saved(tiny
     result = spawn_ranks(_train, 2, _overrides(tiny, tmp_path, "train.max_steps=50", "train.save_every=1"))[0]
     assert result["steps"] == 3 and result["saved"] == {}
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "final").exists()
+
+
+def test_smollm2_recipe_is_the_demo_recipe():
+    """configs/smollm2-135m-cpu.yaml trains what ``nxd-lora demo`` trains (paths and data files aside)."""
+    from nxd_lora.demo import REAL_OVERRIDES, REAL_TP
+
+    shipped = load_recipe(Path(__file__).resolve().parents[1] / "configs" / "smollm2-135m-cpu.yaml").to_dict()
+    demo = load_recipe(None, [*REAL_OVERRIDES, f"train.tp={REAL_TP}", "train.resume=auto",
+                              "train.output_dir=runs/smollm2-135m-cpu"]).to_dict()
+    assert shipped["lora"] == demo["lora"] and shipped["train"] == demo["train"]
+    assert {k: v for k, v in shipped["data"].items() if k != "train_files"} == \
+           {k: v for k, v in demo["data"].items() if k != "train_files"}

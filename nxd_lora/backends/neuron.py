@@ -111,7 +111,8 @@ class NeuronBackend(XlaBackend):
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world % tp_size:
             raise ValueError(f"tp={tp_size} does not divide the world size {world} (WORLD_SIZE from the launcher)")
-        if not dist.is_initialized():
+        self._owns_group = not dist.is_initialized()
+        if self._owns_group:  # a group the caller made is the caller's to destroy
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # one process without torchrun
             os.environ.setdefault("MASTER_PORT", "29500")
             dist.init_process_group("xla", init_method="xla://")
@@ -129,5 +130,5 @@ class NeuronBackend(XlaBackend):
         destroy_kv_group = getattr(self.parallel_state, "destroy_kv_group", None)
         if destroy_kv_group is not None:  # destroy_model_parallel leaves the kv-shared group
             destroy_kv_group()
-        if dist.is_initialized():
+        if getattr(self, "_owns_group", False) and dist.is_initialized():
             dist.destroy_process_group()

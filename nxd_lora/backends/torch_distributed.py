@@ -20,7 +20,8 @@ class TorchDistributedBackend(Backend):
 
     def setup(self, tp_size: int, kv_size_multiplier: int = 1) -> None:
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1 and not dist.is_initialized():
+        self._owns_group = world > 1 and not dist.is_initialized()
+        if self._owns_group:  # a group the caller made is the caller's to destroy
             self._bind_device()
             dist.init_process_group(self.dist_backend, init_method="env://")
         if world % tp_size:
@@ -36,7 +37,7 @@ class TorchDistributedBackend(Backend):
 
     def teardown(self) -> None:
         state.destroy_model_parallel()
-        if dist.is_initialized():
+        if getattr(self, "_owns_group", False) and dist.is_initialized():
             dist.destroy_process_group()
 
 
