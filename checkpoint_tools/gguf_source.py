@@ -109,11 +109,10 @@ class GGUFSource(Source):
     def __init__(self, path: Path, config: LlamaConfig | None = None):
         reader = open_gguf_reader(path)
         self.metadata = gguf_metadata(reader, path)
-        names = {t.name for t in reader.tensors}
         shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
         if not self.metadata.get("llama.vocab_size") and "token_embd.weight" in shapes:
             self.metadata["llama.vocab_size"] = shapes["token_embd.weight"][0]
-        super().__init__(path, "gguf", config or gguf_config(self.metadata, names, path))
+        super().__init__(path, "gguf", config or gguf_config(self.metadata, set(shapes), path))
         self.tensors = {}
         for tensor in reader.tensors:
             try:
@@ -129,7 +128,6 @@ class GGUFSource(Source):
             self.dtypes[key] = SUPPORTED_TYPES[type_name]
         if self.config.tie_word_embeddings:
             self.shapes.pop("lm_head.weight", None)
-        self._reader = reader
 
     @property
     def tensor_types(self) -> dict[str, int]:

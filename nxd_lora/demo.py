@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from checkpoint_tools.convert import convert_source_to_hf, convert_to_nxd
 from checkpoint_tools.llama_config import LlamaConfig
-from checkpoint_tools.nxd_format import BASE_TAG
+from checkpoint_tools.nxd_format import BASE_TAG, read_manifest
 from checkpoint_tools.tp_layout import expected_hf_shapes
 from nxd_lora.data.records import sample_data_path
 from nxd_lora.local_launch import spawn_ranks
@@ -110,14 +110,15 @@ def _train_rank(config_path: str | None, overrides: list[str]) -> dict:
     return train(load_recipe(config_path, overrides))
 
 
-def trained_logits(base_ckpt: str, lora_tag: str, tp: int, input_ids: torch.Tensor) -> torch.Tensor:
-    """Full-vocabulary logits of our TP model (base + trained adapter) on ``input_ids``; every rank calls it."""
+def trained_logits(base_ckpt: str, lora_tag: str | None, tp: int, input_ids: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary logits of our TP model (the converted base, plus the trained adapter when
+    ``lora_tag`` is given) on ``input_ids``; every rank calls it."""
     from nxd_lora.backends import get_backend
     from nxd_lora.model.builder import build_trained_model
 
     backend = get_backend("cpu")
     base_tag = Path(base_ckpt) / BASE_TAG
-    backend.setup(tp, json.loads((base_tag / "nxd_lora_manifest.json").read_text())["kv_size_multiplier"])
+    backend.setup(tp, read_manifest(base_tag)["kv_size_multiplier"])
     try:
         model = build_trained_model(base_tag, lora_tag, backend)
         with torch.no_grad():
@@ -162,7 +163,7 @@ def answers(model_dir: Path, adapter_dir: Path, questions: list[str], max_new_to
     before = [tok.decode(generate(base, p, tok.stop_ids, max_new_tokens)) for p in prompts]
     tuned_model = peft.PeftModel.from_pretrained(base, adapter_dir).eval()  # wraps base: base answers come first
     after = [tok.decode(generate(tuned_model, p, tok.stop_ids, max_new_tokens)) for p in prompts]
-    out = {"pairs": list(zip(before, after)), "prompts": prompts}
+    out = {"pairs": list(zip(before, after))}
     if merged_dir is not None and probe is not None:
         merged = transformers.LlamaForCausalLM.from_pretrained(merged_dir).eval()
         with torch.no_grad():

@@ -14,9 +14,9 @@ from checkpoint_tools.llama_config import LlamaConfig
 from nxd_lora.data.batching import pad
 from nxd_lora.data.encode import IGNORE_INDEX, encode_prompt, encode_record
 from nxd_lora.data.records import Record
+from nxd_lora.demo import trained_logits
 from nxd_lora.local_launch import spawn_ranks
 from nxd_lora.tokenizer import load_tokenizer
-from tp_workers import checkpoint_logits
 
 # fp32 through 30 layers: TP changes the order of the row-parallel sums, nothing else.
 LOGIT_ATOL = 1e-3
@@ -63,7 +63,7 @@ def test_our_model_at_tp1_and_tp3_gives_transformers_logits(smollm2_hf, smollm2_
         expected = reference(input_ids=ids).logits[0]
     convert_to_nxd(smollm2_hf, tmp_path / "tp1", 1, log=lambda _: None)
     for ckpt, tp in ((tmp_path / "tp1", 1), (smollm2_tp3, 3)):
-        logits = spawn_ranks(checkpoint_logits, tp, str(ckpt), tp, ids)[0][0]
+        logits = spawn_ranks(trained_logits, tp, str(ckpt), None, tp, ids)[0][0]
         assert logits.shape == expected.shape
         assert (logits - expected).abs().max() < LOGIT_ATOL, f"tp={tp}"
         assert torch.equal(logits.argmax(-1), expected.argmax(-1)), f"tp={tp}"

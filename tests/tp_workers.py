@@ -86,20 +86,3 @@ def train_and_save(base_dir: str, out_root: str, tp: int, lora_kwargs: dict, inp
     finally:
         backend.teardown()
 
-
-def checkpoint_logits(ckpt_dir: str, tp: int, input_ids: torch.Tensor) -> torch.Tensor:
-    """Full-vocabulary logits of a converted base checkpoint, loaded from its rank files."""
-    from checkpoint_tools.atomic_io import load_tensors
-    from checkpoint_tools.nxd_format import check_manifest, manifest_config, rank_path
-
-    tag = f"{ckpt_dir}/pretrained_weight"
-    manifest = check_manifest(tag, tp=tp)
-    backend = get_backend("cpu")
-    backend.setup(tp, manifest["kv_size_multiplier"])
-    try:
-        model = build_model(manifest_config(manifest, tag), backend, load_tensors(rank_path(tag, backend.tp_rank)),
-                            None, manifest["fuse_qkv"])
-        with torch.no_grad():
-            return model(input_ids, gather_logits=True)[0]
-    finally:
-        backend.teardown()

@@ -50,14 +50,17 @@ def rank_state_from_hf(hf_state: dict[str, torch.Tensor], config: LlamaConfig, b
     return shard_hf_state_dict(hf_state, config, backend.tp_size, fuse_qkv)[backend.tp_rank]
 
 
-def build_trained_model(base_tag: str | Path, lora_tag: str | Path, backend: Backend) -> LlamaForCausalLM:
-    """This rank's model from a converted base tag plus a trained ``adapter`` (or ``base+adapter``)
-    tag, on an already set-up ``backend``: the model as training left it, for evaluation."""
-    lora_manifest = read_manifest(Path(lora_tag))
-    manifest = check_manifest(Path(base_tag), tp=backend.tp_size, fuse_qkv=lora_manifest["fuse_qkv"])
+def build_trained_model(base_tag: str | Path, lora_tag: str | Path | None, backend: Backend) -> LlamaForCausalLM:
+    """This rank's model from a converted base tag plus, when given, a trained ``adapter`` (or
+    ``base+adapter``) tag, on an already set-up ``backend``: the model as training left it, for evaluation."""
+    lora_manifest = read_manifest(Path(lora_tag)) if lora_tag is not None else None
+    expected = {"fuse_qkv": lora_manifest["fuse_qkv"]} if lora_manifest else {}
+    manifest = check_manifest(Path(base_tag), tp=backend.tp_size, **expected)
     config = manifest_config(manifest, Path(base_tag))
-    model = build_model(config, backend, load_tensors(rank_path(base_tag, backend.tp_rank)),
-                        LoraConfig(**lora_manifest["lora"]), fuse_qkv=manifest["fuse_qkv"])
-    adapter = load_tensors(rank_path(lora_tag, backend.tp_rank))
-    load_lora_state_dict(model, {k: v for k, v in adapter.items() if "lora_" in k}, str(lora_tag))
+    lora = LoraConfig(**lora_manifest["lora"]) if lora_manifest else None
+    model = build_model(config, backend, load_tensors(rank_path(base_tag, backend.tp_rank)), lora,
+                        fuse_qkv=manifest["fuse_qkv"])
+    if lora_tag is not None:
+        adapter = load_tensors(rank_path(lora_tag, backend.tp_rank))
+        load_lora_state_dict(model, {k: v for k, v in adapter.items() if "lora_" in k}, str(lora_tag))
     return model.eval()

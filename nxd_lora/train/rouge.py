@@ -47,7 +47,7 @@ def rouge_on_examples(model, examples: list[Encoded], tok: Tokenizer, device, ma
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeLsum"])
-    stops = {*tok.stop_ids, tok.eos_id, *(tok.specials[t] for t in ("<|end_of_text|>",) if t in tok.specials)}
+    stops = {*tok.stop_ids, *(tok.specials[t] for t in ("<|end_of_text|>",) if t in tok.specials)}
     was_training = model.training
     model.eval()
     totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeLsum": 0.0}
