@@ -17,6 +17,8 @@ from typing import IO, Iterator
 
 import torch
 
+from checkpoint_tools.faults import file_written
+
 
 @contextmanager
 def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
@@ -33,6 +35,7 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    file_written(path)
 
 
 def torch_save(state: dict, path_or_handle) -> None:
@@ -51,6 +54,14 @@ def torch_save(state: dict, path_or_handle) -> None:
     with config.patch({"save.compute_crc32": False}):
         torch.save(state, path_or_handle)
     gc.collect()
+
+
+def save_safetensors(tensors: dict, path: str | Path) -> None:
+    """``safetensors.torch.save_file`` into a directory that is published as a whole (no rename here)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    file_written(path)
 
 
 def save_tensors(state: dict, path: str | Path) -> None:

@@ -16,9 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import save_file
-
-from checkpoint_tools.atomic_io import write_json
+from checkpoint_tools.atomic_io import save_safetensors, write_json
 from checkpoint_tools.llama_config import LlamaConfig, check_tensor_parallel
 from checkpoint_tools.nxd_format import (
     BASE_TAG,
@@ -29,13 +27,14 @@ from checkpoint_tools.nxd_format import (
     publish_directory,
     rank_path,
     read_manifest,
+    require_verified,
     resolve_tag_dir,
     BackgroundRankWriter,
     write_manifest,
 )
 from checkpoint_tools.sources import CheckpointError, Source, open_source
 from checkpoint_tools.tokenizer_files import write_tokenizer_files
-from checkpoint_tools.tp_layout import check_hf_shapes, expected_hf_shapes, shard_ranks, unshard_to_hf
+from checkpoint_tools.tp_layout import check_hf_shapes, dict_reader, expected_hf_shapes, shard_ranks, unshard_to_hf
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
           "fp16": torch.float16, "float16": torch.float16}
@@ -86,6 +85,19 @@ def ranks_per_pass(config: LlamaConfig, tp: int, dtype: torch.dtype, memory_budg
     return max(1, min(tp, int(memory_budget // max(2 * shard_bytes, 1))))
 
 
+def nxd_checkpoint_bytes(config: LlamaConfig, tp: int, fuse_qkv: bool, dtype: torch.dtype) -> int:
+    """Tensor bytes of all rank files of a conversion, from shapes alone (rank 0 laid out on meta
+    tensors, times ``tp``: every rank holds equal shapes), KV replicas and copied norms included."""
+    meta = {k: torch.empty(s, dtype=dtype, device="meta") for k, s in expected_hf_shapes(config).items()}
+    rank0 = shard_ranks(dict_reader(meta), config, tp, [0], fuse_qkv, dtype)[0]
+    return tp * sum(t.numel() * t.element_size() for t in rank0.values())
+
+
+def hf_model_bytes(config: LlamaConfig, dtype: torch.dtype) -> int:
+    element = torch.empty((), dtype=dtype).element_size()
+    return sum(torch.Size(s).numel() for s in expected_hf_shapes(config).values()) * element
+
+
 def convert_to_nxd(
     src: str | Path,
     dst: str | Path,
@@ -109,7 +121,8 @@ def convert_to_nxd(
         f"fuse_qkv={fuse_qkv}, dtype={_dtype_name(out_dtype)}, {per_pass} rank(s) per pass)")
     start = time.perf_counter()
     read = _layer_releasing_reader(source)
-    with publish_directory(dst, overwrite) as staging, one_torch_thread():
+    nbytes = nxd_checkpoint_bytes(cfg, tp, fuse_qkv, out_dtype)
+    with publish_directory(dst, overwrite, nbytes, "the NxD checkpoint", log) as staging, one_torch_thread():
         mark_started(staging / BASE_TAG)
         writer = BackgroundRankWriter(staging / BASE_TAG, max_pending=per_pass)
         try:
@@ -199,11 +212,11 @@ def write_hf_model(staging: Path, cfg: LlamaConfig, dtype: torch.dtype,
         missing = [k for k in keys if k not in tensors]
         if missing:
             raise CheckpointError(f"NxD checkpoint lacks tensors for {missing[:5]}")
-        save_file(tensors, str(staging / name), metadata={"format": "pt"})  # staging is published atomically
+        save_safetensors(tensors, staging / name)  # staging is published atomically
         weight_map.update({k: name for k in tensors})
         log(f"convert: wrote {name} ({len(tensors)} tensors)")
-    total = sum(torch.Size(s).numel() for s in shapes.values()) * element
-    write_json(staging / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_json(staging / "model.safetensors.index.json",
+               {"metadata": {"total_size": hf_model_bytes(cfg, dtype)}, "weight_map": weight_map})
     write_json(staging / "config.json", dict(cfg.to_hf_dict(), torch_dtype=_dtype_name(dtype)))
 
 
@@ -223,13 +236,16 @@ def convert_to_hf(
     manifest = read_manifest(tag_dir)
     cfg = manifest_config(manifest, tag_dir)
     tp = int(manifest["tp"])
+    require_verified(tag_dir, manifest)
+    dtype = getattr(torch, manifest["dtype"])
 
     def layer_tensors(keep: Callable[[str], bool]) -> dict[str, torch.Tensor]:
         ranks = load_rank_files(tag_dir, tp)
         return unshard_to_hf([{k: v for k, v in r.items() if keep(k)} for r in ranks], cfg)
 
-    with publish_directory(dst, overwrite) as staging, one_torch_thread():
-        write_hf_model(staging, cfg, getattr(torch, manifest["dtype"]), layer_tensors, log, max_shard_bytes)
+    with publish_directory(dst, overwrite, hf_model_bytes(cfg, dtype), "the HF model", log) as staging, \
+            one_torch_thread():
+        write_hf_model(staging, cfg, dtype, layer_tensors, log, max_shard_bytes)
 
 
 def convert_source_to_hf(
@@ -253,6 +269,7 @@ def convert_source_to_hf(
     def layer_tensors(keep: Callable[[str], bool]) -> dict[str, torch.Tensor]:
         return {key: read(key) for key in source.shapes if keep(key)}
 
-    with publish_directory(dst, overwrite) as staging, one_torch_thread():
+    with publish_directory(dst, overwrite, hf_model_bytes(cfg, out_dtype), "the HF model", log) as staging, \
+            one_torch_thread():
         write_hf_model(staging, cfg, out_dtype, layer_tensors, log, max_shard_bytes)
         write_tokenizer_files(source, staging)

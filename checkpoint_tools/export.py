@@ -16,11 +16,16 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import save_file
 
-from checkpoint_tools.atomic_io import write_json
-from checkpoint_tools.convert import load_rank_files, write_hf_model
-from checkpoint_tools.nxd_format import manifest_config, publish_directory, read_manifest, resolve_tag_dir
+from checkpoint_tools.atomic_io import save_safetensors, write_json
+from checkpoint_tools.convert import hf_model_bytes, load_rank_files, write_hf_model
+from checkpoint_tools.nxd_format import (
+    manifest_config,
+    publish_directory,
+    read_manifest,
+    require_verified,
+    resolve_tag_dir,
+)
 from checkpoint_tools.sources import CheckpointError
 from checkpoint_tools.tokenizer_files import copy_tokenizer_files, has_tokenizer, write_generation_config
 from checkpoint_tools.tp_layout import unshard_lora_state_dict, unshard_to_hf
@@ -35,6 +40,7 @@ def _lora_tag(path: str | Path) -> tuple[Path, dict]:
     if manifest.get("kind") != "lora":
         raise CheckpointError(f"{tag_dir}: manifest kind is {manifest.get('kind')!r}, expected a trained LoRA "
                               f"checkpoint ('lora')")
+    require_verified(tag_dir, manifest)
     return tag_dir, manifest
 
 
@@ -72,8 +78,9 @@ def export_peft(src: str | Path, dst: str | Path, base_model: str | None = None,
     for message in vllm_warnings(lora):
         warnings.warn(message, stacklevel=2)
         log(f"export: warning: {message}")
-    with publish_directory(dst, overwrite) as staging:
-        save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    with publish_directory(dst, overwrite, nbytes, "the PEFT adapter", log) as staging:
+        save_safetensors(tensors, staging / "adapter_model.safetensors")
         write_json(staging / "adapter_config.json", peft_adapter_config(lora, targets, base_model), sort_keys=True)
     log(f"export: PEFT adapter ({len(tensors)} tensors, targets {targets}) -> {dst}")
     return adapters
@@ -106,6 +113,8 @@ def export_merged(src: str | Path, dst: str | Path, base: str | Path | None = No
         raise CheckpointError(f"{tag_dir}: an adapter-only checkpoint needs --base (the converted base checkpoint)")
     base_dir = resolve_tag_dir(base) if mode == "adapter" else tag_dir
     base_manifest = read_manifest(base_dir)
+    if base_dir != tag_dir:
+        require_verified(base_dir, base_manifest)
     for field in ("tp", "fuse_qkv", "kv_size_multiplier"):
         if base_manifest.get(field) != manifest.get(field):
             raise CheckpointError(f"{base_dir}: base {field}={base_manifest.get(field)!r} but the adapter was trained "
@@ -126,7 +135,7 @@ def export_merged(src: str | Path, dst: str | Path, base: str | Path | None = No
         return hf
 
     dtype = getattr(torch, base_manifest["dtype"])
-    with publish_directory(dst, overwrite) as staging:
+    with publish_directory(dst, overwrite, hf_model_bytes(cfg, dtype), "the merged HF model", log) as staging:
         write_hf_model(staging, cfg, dtype, layer_tensors, log)
         tokenizer_dir = tokenizer_dir or _tokenizer_home(base_dir, base_manifest)
         copied = copy_tokenizer_files(Path(tokenizer_dir), staging) if tokenizer_dir else []

@@ -9,10 +9,19 @@ import torch
 
 from checkpoint_tools.nxd_format import MANIFEST, read_manifest, resolve_tag_dir, verify_files
 from checkpoint_tools.sources import open_source
+from checkpoint_tools.staging import find_litter
+
+
+def litter_lines(path: Path) -> list[str]:
+    """The staging directories in and beside ``path`` (crashed or running writes), with owners."""
+    places = dict.fromkeys(p.absolute() for p in (path, path.parent, path.parent.parent) if p.is_dir())
+    return [f"  staging: {item.describe()}" + ("; the next write here removes it" if item.stale else "")
+            for place in places for item in find_litter(place)]
 
 
 def inspect_path(path: str | Path, verify: bool = False) -> tuple[str, list[str]]:
-    """(human-readable report, problems). Problems are only looked for with ``verify``."""
+    """(human-readable report, problems). Problems are only looked for with ``verify``; staging
+    directories left in or beside the checkpoint are listed either way."""
     try:
         tag_dir = resolve_tag_dir(path)
         has_manifest = (tag_dir / MANIFEST).is_file()
@@ -34,11 +43,11 @@ def inspect_path(path: str | Path, verify: bool = False) -> tuple[str, list[str]
         if "source" in manifest:
             lines.append(f"  converted from {manifest['source']['format']} {manifest['source']['path']}")
         total = sum(f["bytes"] for f in manifest["files"].values())
-        lines.append(f"  {len(manifest['files'])} rank files, {total / 2**20:.1f} MiB")
+        lines.append(f"  {len(manifest['files'])} files, {total / 2**20:.1f} MiB")
         problems = verify_files(tag_dir, manifest) if verify else []
         if verify and not problems:
             lines.append("  verified: every file matches its size and sha256")
-        return "\n".join(lines), problems
+        return "\n".join(lines + litter_lines(tag_dir)), problems
     source = open_source(path)
     params = sum(torch.Size(s).numel() for s in source.shapes.values())
     lines = [
@@ -48,4 +57,4 @@ def inspect_path(path: str | Path, verify: bool = False) -> tuple[str, list[str]
     ]
     if getattr(source, "tensor_types", None):
         lines.append("  tensor types: " + ", ".join(f"{k} x{v}" for k, v in sorted(source.tensor_types.items())))
-    return "\n".join(lines), []
+    return "\n".join(lines + litter_lines(Path(path))), []

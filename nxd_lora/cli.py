@@ -210,8 +210,10 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 
 
 def main(argv: list[str] | None = None) -> int:
+    from checkpoint_tools.diskspace import DiskSpaceError
     from nxd_lora.assets import AssetError
     from nxd_lora.backends.base import BackendUnavailable
+    from nxd_lora.checkpointing import SaveFailed
     from nxd_lora.doctor import StackMismatch
     from nxd_lora.sagemaker.submit import SubmitError
 
@@ -219,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, KeyError, FileNotFoundError, FileExistsError, NotImplementedError, BackendUnavailable,
-            StackMismatch, SubmitError, AssetError) as err:
+            StackMismatch, SubmitError, AssetError, DiskSpaceError, SaveFailed) as err:
         print(f"nxd-lora {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -16,9 +16,18 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from checkpoint_tools.atomic_io import load_tensors
 from checkpoint_tools.export import export_peft
-from checkpoint_tools.nxd_format import BASE_TAG, check_manifest, manifest_config, rank_path
+from checkpoint_tools.diskspace import require_free_space
+from checkpoint_tools.nxd_format import (
+    BASE_TAG,
+    check_manifest,
+    complete_tags,
+    manifest_config,
+    rank_path,
+    require_verified,
+)
+from checkpoint_tools.staging import sweep_stale
 from nxd_lora.backends import get_backend
-from nxd_lora.checkpointing import SAVE_MODES, save_lora_checkpoint
+from nxd_lora.checkpointing import SAVE_MODES, planned_save_bytes, save_lora_checkpoint
 from nxd_lora.doctor import check_stack, neuron_platform
 from nxd_lora.lora.model import describe_trainable, load_lora_state_dict
 from nxd_lora.model.builder import build_model
@@ -40,9 +49,16 @@ def _say(backend, message: str) -> None:
 
 def newest_training_tag(root: Path) -> Path | None:
     """The newest complete checkpoint (``*/done``) that can be resumed from (has user_content.pt)."""
-    tags = sorted((p.parent for p in root.glob("*/done") if (p.parent / "user_content.pt").is_file()),
+    tags = sorted((p for p in complete_tags(root) if (p / "user_content.pt").is_file()),
                   key=lambda p: (p / "done").stat().st_mtime)
     return tags[-1] if tags else None
+
+
+def load_verified(tag_dir: Path, tp_rank: int, manifest: dict) -> dict[str, torch.Tensor]:
+    """This rank's tensors of a checkpoint, after checking the file's sha256 against the manifest."""
+    path = rank_path(tag_dir, tp_rank)
+    require_verified(tag_dir, manifest, [str(path.relative_to(tag_dir))])
+    return load_tensors(path)
 
 
 @torch.no_grad()
@@ -106,7 +122,7 @@ def train(recipe: Recipe) -> dict:
         rows = build_rows(recipe.data, tok, cfg.seed)
         _say(backend, f"data: {json.dumps(rows.report)}")
         dtype = getattr(torch, recipe.model.dtype)
-        base = load_tensors(rank_path(base_tag, backend.tp_rank))
+        base = load_verified(base_tag, backend.tp_rank, manifest)
         model = build_model(config, backend, base, recipe.lora, fuse_qkv=manifest["fuse_qkv"], dtype=dtype,
                             seed=cfg.seed)
         model.set_activation_checkpointing(cfg.activation_checkpointing)
@@ -115,6 +131,13 @@ def train(recipe: Recipe) -> dict:
                       f"kv_size_multiplier={model.kv_size_multiplier}; {describe_trainable(model)}")
 
         checkpoints = out / "checkpoints"
+        if backend.rank == 0:
+            for directory in (checkpoints, out / "final"):
+                sweep_stale(directory, lambda message: _say(backend, message))
+        if not precompile:
+            periodic = cfg.max_steps // cfg.save_every if cfg.save_every else 0
+            require_free_space(out, planned_save_bytes(model, cfg.tp, cfg.save_modes, periodic),
+                               f"this run's {periodic} checkpoint(s) and final saves {cfg.save_modes}")
         start_step, resume_tag = 0, None
         if cfg.resume == "auto":
             resume_tag = newest_training_tag(checkpoints)
@@ -125,8 +148,11 @@ def train(recipe: Recipe) -> dict:
             resumed = check_manifest(resume_tag, tp=cfg.tp, kind="lora")
             if resumed["lora"] != json.loads(json.dumps(recipe.to_dict()["lora"])):
                 raise ValueError(f"{resume_tag}: LoRA settings differ from this recipe's: {resumed['lora']}")
-            load_lora_state_dict(model, load_tensors(rank_path(resume_tag, backend.tp_rank)), str(resume_tag))
-            optimizer_state = load_tensors(resume_tag / "optim" / rank_path(resume_tag, backend.tp_rank).name)
+            load_lora_state_dict(model, load_verified(resume_tag, backend.tp_rank, resumed), str(resume_tag))
+            optim = Path("optim") / rank_path(resume_tag, backend.tp_rank).name
+            if str(optim) in resumed["files"]:  # listed since the manifest covers optimizer files
+                require_verified(resume_tag, resumed, [str(optim)])
+            optimizer_state = load_tensors(resume_tag / optim)
             scheduler_state = load_tensors(resume_tag / "scheduler.pt")
             user = load_tensors(resume_tag / "user_content.pt")
             start_step = int(user["step"])
@@ -143,6 +169,7 @@ def train(recipe: Recipe) -> dict:
                 optimizer=optimizer.state_dict() if optimizer else None,
                 scheduler=scheduler.state_dict() if scheduler else None,
                 user_content={"step": module.step_count, "torch_rng": torch.get_rng_state()} if resumable else None,
+                log=lambda message: _say(backend, message),
             )
 
         def on_step_end(module: LoraModule) -> None:
