@@ -1,10 +1,11 @@
-"""Streaming conversion between Meta/HF/GGUF Llama checkpoints and TP-sharded NxD checkpoints.
+"""Streaming conversion between Meta/HF/GGUF/NxD Llama checkpoints and TP-sharded NxD checkpoints.
 
-Any source -> HF safetensors (``convert_source_to_hf``: GGUF dequantized, Meta re-laid out).
-HF/Meta/GGUF -> NxD: ranks are produced a few at a time (as many as fit a memory budget), each
-pass reading only those ranks' slices, layer by layer, so peak memory is about the ranks in
-flight plus one tensor, not the model. NxD -> HF: one output tensor at a time, gathered from
-memory-mapped rank files, written in size-bounded safetensors shards with an index.
+Any source -> HF safetensors (``convert_source_to_hf``: GGUF dequantized, Meta re-laid out, NxD
+gathered from memory-mapped rank files), written layer by layer in size-bounded shards with an
+index. Any source -> NxD in either KV layout (trn1 or trn2; from NxD: another TP size or the
+other layout): ranks are produced a few at a time (as many as fit a memory budget), each pass
+reading only those ranks' slices, layer by layer, so peak memory is about the ranks in flight
+plus one layer, not the model.
 """
 
 from __future__ import annotations
@@ -21,20 +22,18 @@ from checkpoint_tools.llama_config import LlamaConfig, check_tensor_parallel
 from checkpoint_tools.nxd_format import (
     BASE_TAG,
     FORMAT_VERSION,
-    manifest_config,
+    MANIFEST,
+    BackgroundRankWriter,
     mark_done,
     mark_started,
     publish_directory,
     rank_path,
-    read_manifest,
-    require_verified,
-    resolve_tag_dir,
-    BackgroundRankWriter,
     write_manifest,
 )
+from checkpoint_tools.nxd_source import is_nxd_checkpoint
 from checkpoint_tools.sources import CheckpointError, Source, open_source
 from checkpoint_tools.tokenizer_files import write_tokenizer_files
-from checkpoint_tools.tp_layout import check_hf_shapes, dict_reader, expected_hf_shapes, shard_ranks, unshard_to_hf
+from checkpoint_tools.tp_layout import check_hf_shapes, check_kv_layout, dict_reader, expected_hf_shapes, shard_ranks
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
           "fp16": torch.float16, "float16": torch.float16}
@@ -108,9 +107,12 @@ def convert_to_nxd(
     config: LlamaConfig | None = None,
     memory_budget: int = 3 << 29,  # 1.5 GiB: Llama-3-8B to TP=32 peaks at 1.9 GiB RSS
     log: Callable[[str], None] = print,
+    target: str = "trn1",
 ) -> dict:
-    """Convert a Meta, HF or GGUF checkpoint into ``<dst>/pretrained_weight/model/*.pt`` + manifest,
-    with the source's tokenizer files in ``<dst>/`` (where ``train`` looks for them by default)."""
+    """Convert a Meta, HF, GGUF or NxD checkpoint into ``<dst>/pretrained_weight/model/*.pt`` + manifest,
+    laid out for ``target`` (trn1 or trn2, see ``tp_layout``), with the source's tokenizer files in
+    ``<dst>/`` (where ``train`` looks for them by default)."""
+    check_kv_layout(target, "--target")
     source = open_source(src, config)
     cfg = source.config
     kvm = check_tensor_parallel(cfg, tp)
@@ -118,7 +120,7 @@ def convert_to_nxd(
     out_dtype = DTYPES[dtype] if dtype else source.dtype
     per_pass = ranks_per_pass(cfg, tp, out_dtype, memory_budget)
     log(f"convert: {source.format} checkpoint {source.path} -> {dst} (tp={tp}, kv_size_multiplier={kvm}, "
-        f"fuse_qkv={fuse_qkv}, dtype={_dtype_name(out_dtype)}, {per_pass} rank(s) per pass)")
+        f"kv_layout={target}, fuse_qkv={fuse_qkv}, dtype={_dtype_name(out_dtype)}, {per_pass} rank(s) per pass)")
     start = time.perf_counter()
     read = _layer_releasing_reader(source)
     nbytes = nxd_checkpoint_bytes(cfg, tp, fuse_qkv, out_dtype)
@@ -128,7 +130,7 @@ def convert_to_nxd(
         try:
             for first in range(0, tp, per_pass):
                 ranks = list(range(first, min(tp, first + per_pass)))
-                states = shard_ranks(read, cfg, tp, ranks, fuse_qkv, out_dtype)
+                states = shard_ranks(read, cfg, tp, ranks, fuse_qkv, out_dtype, target)
                 source.release()
                 for rank in ranks:
                     write_rank_file(writer, states.pop(0), rank_path(staging / BASE_TAG, rank))
@@ -145,7 +147,7 @@ def convert_to_nxd(
             "tp": tp,
             "pp": 1,
             "kv_size_multiplier": kvm,
-            "kv_layout": "trn1",
+            "kv_layout": target,
             "fuse_qkv": fuse_qkv,
             "fuse_gate_up": True,
             "dtype": _dtype_name(out_dtype),
@@ -220,32 +222,13 @@ def write_hf_model(staging: Path, cfg: LlamaConfig, dtype: torch.dtype,
     write_json(staging / "config.json", dict(cfg.to_hf_dict(), torch_dtype=_dtype_name(dtype)))
 
 
-def convert_to_hf(
-    src: str | Path,
-    dst: str | Path,
-    overwrite: bool = False,
-    max_shard_bytes: int = 2 << 30,
-    log: Callable[[str], None] = print,
-) -> None:
-    """Rebuild HF safetensors (sharded + index) and config.json from a converted NxD checkpoint.
-
-    K/V replicas are checked to be equal. Each layer is rebuilt from freshly mapped rank
-    files, so memory stays near one output shard.
-    """
-    tag_dir = resolve_tag_dir(src)
-    manifest = read_manifest(tag_dir)
-    cfg = manifest_config(manifest, tag_dir)
-    tp = int(manifest["tp"])
-    require_verified(tag_dir, manifest)
-    dtype = getattr(torch, manifest["dtype"])
-
-    def layer_tensors(keep: Callable[[str], bool]) -> dict[str, torch.Tensor]:
-        ranks = load_rank_files(tag_dir, tp)
-        return unshard_to_hf([{k: v for k, v in r.items() if keep(k)} for r in ranks], cfg)
-
-    with publish_directory(dst, overwrite, hf_model_bytes(cfg, dtype), "the HF model", log) as staging, \
-            one_torch_thread():
-        write_hf_model(staging, cfg, dtype, layer_tensors, log, max_shard_bytes)
+def convert_to_hf(src: str | Path, dst: str | Path, overwrite: bool = False, max_shard_bytes: int = 2 << 30,
+                  log: Callable[[str], None] = print) -> None:
+    """Rebuild HF safetensors (sharded + index), config.json and the tokenizer files from a converted
+    NxD checkpoint; every file is checked against the manifest first, K/V replicas as they are gathered."""
+    if not is_nxd_checkpoint(src):
+        raise CheckpointError(f"{src}: not an NxD checkpoint written by nxd-lora (no {MANIFEST} in it or its tags)")
+    convert_source_to_hf(src, dst, overwrite=overwrite, max_shard_bytes=max_shard_bytes, log=log)
 
 
 def convert_source_to_hf(

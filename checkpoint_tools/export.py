@@ -71,7 +71,8 @@ def export_peft(src: str | Path, dst: str | Path, base_model: str | None = None,
         raise CheckpointError(f"{tag_dir}: save mode 'merged' holds no separate adapter; use export --merged")
     cfg = manifest_config(manifest, tag_dir)
     ranks = load_rank_files(tag_dir, int(manifest["tp"]))
-    adapters = unshard_lora_state_dict([{k: v for k, v in r.items() if "lora_" in k} for r in ranks], cfg)
+    adapters = unshard_lora_state_dict([{k: v for k, v in r.items() if "lora_" in k} for r in ranks], cfg,
+                                       manifest.get("kv_layout", "trn1"))
     tensors = {PEFT_PREFIX + k: v.contiguous() for k, v in adapters.items()}
     targets = sorted({k.split(".")[-3] for k in adapters})
     lora = manifest["lora"]
@@ -115,23 +116,25 @@ def export_merged(src: str | Path, dst: str | Path, base: str | Path | None = No
     base_manifest = read_manifest(base_dir)
     if base_dir != tag_dir:
         require_verified(base_dir, base_manifest)
-    for field in ("tp", "fuse_qkv", "kv_size_multiplier"):
+    for field in ("tp", "fuse_qkv", "kv_size_multiplier", "kv_layout"):
         if base_manifest.get(field) != manifest.get(field):
             raise CheckpointError(f"{base_dir}: base {field}={base_manifest.get(field)!r} but the adapter was trained "
                                   f"with {field}={manifest.get(field)!r}")
     if manifest_config(base_manifest, base_dir) != cfg:
         raise CheckpointError(f"{base_dir}: base model config differs from the one the adapter was trained on")
 
+    layout = manifest.get("kv_layout", "trn1")
+
     def layer_tensors(layer_filter: Callable[[str], bool]) -> dict[str, torch.Tensor]:
         base_ranks = load_rank_files(base_dir, tp)
         base_part = [{k.replace(".base_layer.", "."): v for k, v in r.items() if "lora_" not in k and layer_filter(k)}
                      for r in base_ranks]
-        hf = unshard_to_hf(base_part, cfg)
+        hf = unshard_to_hf(base_part, cfg, layout)
         if mode != "merged":
             lora_ranks = base_ranks if mode == "base+adapter" else load_rank_files(tag_dir, tp)
             lora_part = [{k: v for k, v in r.items() if "lora_" in k and layer_filter(k)} for r in lora_ranks]
             if lora_part[0]:
-                merge_adapters(hf, unshard_lora_state_dict(lora_part, cfg), _scaling(manifest["lora"]))
+                merge_adapters(hf, unshard_lora_state_dict(lora_part, cfg, layout), _scaling(manifest["lora"]))
         return hf
 
     dtype = getattr(torch, base_manifest["dtype"])

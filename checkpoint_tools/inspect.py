@@ -32,7 +32,8 @@ def inspect_path(path: str | Path, verify: bool = False) -> tuple[str, list[str]
         cfg = manifest["config"]
         lines = [
             f"NxD checkpoint {tag_dir} ({manifest['kind']}, written by {manifest['written_by']})",
-            f"  tp={manifest['tp']} kv_size_multiplier={manifest['kv_size_multiplier']} fuse_qkv={manifest['fuse_qkv']}"
+            f"  tp={manifest['tp']} kv_size_multiplier={manifest['kv_size_multiplier']}"
+            f" kv_layout={manifest.get('kv_layout', 'trn1')} fuse_qkv={manifest['fuse_qkv']}"
             f" dtype={manifest['dtype']}" + (f" save_mode={manifest['save_mode']}" if "save_mode" in manifest else ""),
             f"  model: {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, heads {cfg['num_attention_heads']}"
             f"/{cfg['num_key_value_heads']} kv, vocab {cfg['vocab_size']}",

@@ -6,6 +6,8 @@ Supported, auto-detected by ``open_source``:
   ``safetensors.safe_open`` opened per read, so mapped pages are released after each slice.
 * HF torch files: ``pytorch_model.bin`` or ``pytorch_model-*.bin`` + index (mmap, weights only).
 * GGUF (llama.cpp) files, dequantized: ``checkpoint_tools.gguf_source``.
+* NxD checkpoints written by ``nxd-lora convert`` (base weights), gathered layer by layer:
+  ``checkpoint_tools.nxd_source``.
 * Meta ``consolidated.NN.pth`` + ``params.json`` (in the directory or its ``original/``),
   model-parallel pieces merged along the dim where they differ from the full shape, q/k rows
   permuted from Meta's interleaved rope layout to HF's rotate-half layout.
@@ -355,6 +357,12 @@ def open_source(path: str | Path, config: LlamaConfig | None = None) -> Source:
         return _gguf_source(path, config)
     if path.is_file():
         path = path.parent
+    from checkpoint_tools.nxd_source import is_nxd_checkpoint, open_nxd_source  # it builds on this module
+
+    if is_nxd_checkpoint(path):
+        if config is not None:
+            raise CheckpointError(f"{path}: an NxD checkpoint carries its config in its manifest; --config does not apply")
+        return open_nxd_source(path)
     hf_layouts = (
         ("model.safetensors.index.json", SafetensorsSource),
         ("model.safetensors", SafetensorsSource),

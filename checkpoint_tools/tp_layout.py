@@ -8,9 +8,17 @@ and 0.18, verified in its ``parallel_layers`` and ``modules/qkv_linear.py``; see
   dim 1; norms are copied to every rank.
 * ``mlp.gate_up_proj.weight`` holds ``[gate_r; up_r]`` on each rank.
 * ``self_attn.qkv_proj.weight_q|weight_k|weight_v`` (or fused ``weight_qkv`` = ``[q_r; k_r; v_r]``).
-* GQA with tp > n_kv: kvm = tp // n_kv, K/V become ``W.repeat(kvm, 1)`` then sliced, so
-  rank r holds KV head ``r % n_kv``; Q rows and o_proj columns are permuted so rank r holds
-  the query-head group ``(r % n_kv) * kvm + r // n_kv`` that attends to that KV head.
+* GQA with tp > n_kv: kvm = tp // n_kv and every rank holds one KV head, placed by the
+  checkpoint's ``kv_layout``, which must match the platform that trains it:
+
+  - ``trn1``: K/V become ``W.repeat(kvm, 1)`` then sliced, so rank r holds KV head ``r % n_kv``;
+    Q rows and o_proj columns are permuted so rank r holds the query-head group
+    ``(r % n_kv) * kvm + r // n_kv`` that attends to that KV head.
+  - ``trn2`` (NxD's ``--hw_backend trn2``; ``modules/qkv_linear.py`` on TRN2): K/V heads are
+    ``repeat_interleave``d, so rank r holds KV head ``r // kvm``; Q heads and o_proj columns stay
+    in natural order (rank r holds query group r), which attends to that head already.
+
+  With kvm = 1 (tp <= n_kv), or a single KV head, the two layouts are the same bytes.
 """
 
 from __future__ import annotations
@@ -26,24 +34,69 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _REPLICATED_SUFFIXES = ("input_layernorm.weight", "post_attention_layernorm.weight")
 
 
-def query_group_order(tp_size: int, n_kv: int) -> list[int]:
+KV_LAYOUTS = ("trn1", "trn2")
+
+
+def check_kv_layout(layout: str, source: str = "kv_layout") -> str:
+    if layout not in KV_LAYOUTS:
+        raise ValueError(f"{source}: KV layout {layout!r} unknown; expected one of {list(KV_LAYOUTS)} "
+                         f"(the NxD checkpoint layout of the Trainium generation that trains it)")
+    return layout
+
+
+def layouts_differ(tp_size: int, kv_size_multiplier: int) -> bool:
+    """Whether trn1 and trn2 place anything differently: only with replicated KV heads (kvm > 1),
+    and more than one KV head to place (n_kv = tp / kvm > 1)."""
+    return kv_size_multiplier > 1 and tp_size // kv_size_multiplier > 1
+
+
+def check_layout_matches(found: str, expected: str, tp_size: int, kv_size_multiplier: int, source: str) -> None:
+    """Refuse a checkpoint laid out for another platform where the layouts differ (``layouts_differ``)."""
+    check_kv_layout(found, source)
+    if found != check_kv_layout(expected, source) and layouts_differ(tp_size, kv_size_multiplier):
+        raise ValueError(f"{source}: KV layout {found}, but {expected} is needed: with replicated KV heads "
+                         f"(tp={tp_size}, kv_size_multiplier={kv_size_multiplier}) the two place heads on different "
+                         f"ranks, and training one as the other sums K/V gradients across ranks holding different "
+                         f"heads. Re-lay it out: nxd-lora convert CKPT NEW_CKPT --retarget {expected}")
+
+
+def query_group_order(tp_size: int, n_kv: int, layout: str = "trn1") -> list[int]:
     """For each TP rank, the index of the contiguous query-head group it holds."""
     kvm = max(1, tp_size // n_kv)
-    return [(r % n_kv) * kvm + r // n_kv if kvm > 1 else r for r in range(tp_size)]
+    if kvm == 1 or check_kv_layout(layout) == "trn2":
+        return list(range(tp_size))
+    return [(r % n_kv) * kvm + r // n_kv for r in range(tp_size)]
 
 
-def _q_rows(weight: torch.Tensor, tp_size: int, n_kv: int) -> list[torch.Tensor]:
+def kv_head_of_rank(rank: int, tp_size: int, n_kv: int, layout: str = "trn1") -> int:
+    """The KV head a rank holds when KV heads are replicated (tp > n_kv: one head per rank)."""
+    kvm = tp_size // n_kv
+    return rank % n_kv if check_kv_layout(layout) == "trn1" else rank // kvm
+
+
+def kv_shared_ranks(tp_size: int, n_kv: int, layout: str = "trn1") -> list[list[int]]:
+    """Groups of TP ranks holding the same KV head (over which K/V replica gradients are summed)."""
+    groups: dict[int, list[int]] = {}
+    for rank in range(tp_size):
+        groups.setdefault(kv_head_of_rank(rank, tp_size, n_kv, layout), []).append(rank)
+    return [groups[h] for h in sorted(groups)]
+
+
+def _q_rows(weight: torch.Tensor, tp_size: int, n_kv: int, layout: str) -> list[torch.Tensor]:
     groups = weight.chunk(tp_size, dim=0)
-    return [groups[g] for g in query_group_order(tp_size, n_kv)]
+    return [groups[g] for g in query_group_order(tp_size, n_kv, layout)]
 
 
-def _o_cols(weight: torch.Tensor, tp_size: int, n_kv: int) -> list[torch.Tensor]:
+def _o_cols(weight: torch.Tensor, tp_size: int, n_kv: int, layout: str) -> list[torch.Tensor]:
     groups = weight.chunk(tp_size, dim=1)
-    return [groups[g] for g in query_group_order(tp_size, n_kv)]
+    return [groups[g] for g in query_group_order(tp_size, n_kv, layout)]
 
 
-def _kv_rows(weight: torch.Tensor, tp_size: int, kvm: int) -> list[torch.Tensor]:
-    return list(weight.repeat(kvm, 1).chunk(tp_size, dim=0))
+def _kv_rows(weight: torch.Tensor, tp_size: int, kvm: int, layout: str) -> list[torch.Tensor]:
+    if kvm == 1:
+        return list(weight.chunk(tp_size, dim=0))
+    heads = weight.chunk(tp_size // kvm, dim=0)
+    return [heads[kv_head_of_rank(r, tp_size, len(heads), layout)] for r in range(tp_size)]
 
 
 # A reader returns a slice of one full HF-layout tensor: (key, dim, start, length) -> tensor,
@@ -75,7 +128,7 @@ def check_hf_shapes(shapes: dict[str, tuple[int, ...]], config: LlamaConfig, sou
 
 
 def shard_ranks(read: Reader, config: LlamaConfig, tp_size: int, ranks: list[int], fuse_qkv: bool = False,
-                dtype: torch.dtype | None = None) -> list[dict[str, torch.Tensor]]:
+                dtype: torch.dtype | None = None, layout: str = "trn1") -> list[dict[str, torch.Tensor]]:
     """NxD state dicts of ``ranks``, reading only the slices they hold, one layer at a time.
 
     Reads go layer by layer (all requested ranks per layer), so a streaming reader can drop
@@ -87,7 +140,7 @@ def shard_ranks(read: Reader, config: LlamaConfig, tp_size: int, ranks: list[int
     kv_rows = n_kv * kvm * hd // tp_size
     vocab = config.vocab_size // tp_size
     inter = config.intermediate_size // tp_size
-    order = query_group_order(tp_size, n_kv)
+    order = query_group_order(tp_size, n_kv, layout)
     outs: dict[int, dict[str, torch.Tensor]] = {r: {} for r in ranks}
 
     def put(rank: int, key: str, tensor: torch.Tensor) -> None:
@@ -99,7 +152,7 @@ def shard_ranks(read: Reader, config: LlamaConfig, tp_size: int, ranks: list[int
         p = f"model.layers.{i}."
         for r in ranks:
             q_start = order[r] * q_rows
-            kv_start = (r * kv_rows) % (n_kv * hd)  # K/V repeated kvm times, then split contiguously
+            kv_start = r * kv_rows if kvm == 1 else kv_head_of_rank(r, tp_size, n_kv, layout) * hd
             q = read(p + "self_attn.q_proj.weight", 0, q_start, q_rows)
             k = read(p + "self_attn.k_proj.weight", 0, kv_start, kv_rows)
             v = read(p + "self_attn.v_proj.weight", 0, kv_start, kv_rows)
@@ -126,13 +179,13 @@ def shard_ranks(read: Reader, config: LlamaConfig, tp_size: int, ranks: list[int
 
 
 def shard_hf_state_dict(
-    hf: dict[str, torch.Tensor], config: LlamaConfig, tp_size: int, fuse_qkv: bool = False
+    hf: dict[str, torch.Tensor], config: LlamaConfig, tp_size: int, fuse_qkv: bool = False, layout: str = "trn1"
 ) -> list[dict[str, torch.Tensor]]:
     """Split a full in-memory HF Llama state dict into ``tp_size`` NxD rank state dicts."""
     check_tensor_parallel(config, tp_size)
     check_hf_shapes({k: tuple(v.shape) for k, v in hf.items()}, config)
     read = dict_reader(hf)
-    return shard_ranks(read, config, tp_size, list(range(tp_size)), fuse_qkv)
+    return shard_ranks(read, config, tp_size, list(range(tp_size)), fuse_qkv, layout=layout)
 
 
 def expected_hf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -159,40 +212,44 @@ def expected_hf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _undo_query_group_order(parts: list[torch.Tensor], n_kv: int, dim: int) -> torch.Tensor:
-    order = query_group_order(len(parts), n_kv)
+def _undo_query_group_order(parts: list[torch.Tensor], n_kv: int, dim: int, layout: str) -> torch.Tensor:
+    order = query_group_order(len(parts), n_kv, layout)
     groups: list[torch.Tensor | None] = [None] * len(parts)
     for rank, g in enumerate(order):
         groups[g] = parts[rank]
     return torch.cat(groups, dim=dim)  # type: ignore[arg-type]
 
 
-def unshard_q_rows(parts: list[torch.Tensor], n_kv: int) -> torch.Tensor:
+def unshard_q_rows(parts: list[torch.Tensor], n_kv: int, layout: str = "trn1") -> torch.Tensor:
     """Inverse of the query-group permutation on dim 0 (rank shards -> HF rows)."""
-    return _undo_query_group_order(parts, n_kv, 0)
+    return _undo_query_group_order(parts, n_kv, 0, layout)
 
 
-def unshard_o_cols(parts: list[torch.Tensor], n_kv: int) -> torch.Tensor:
+def unshard_o_cols(parts: list[torch.Tensor], n_kv: int, layout: str = "trn1") -> torch.Tensor:
     """Inverse of the query-group permutation on dim 1 (rank shards -> HF columns)."""
-    return _undo_query_group_order(parts, n_kv, 1)
+    return _undo_query_group_order(parts, n_kv, 1, layout)
 
 
-def unshard_kv_rows(parts: list[torch.Tensor], n_kv: int, name: str = "kv", atol: float = 0.0) -> torch.Tensor:
+def unshard_kv_rows(parts: list[torch.Tensor], n_kv: int, name: str = "kv", atol: float = 0.0,
+                    layout: str = "trn1") -> torch.Tensor:
     """Rebuild K or V rows, checking that every replica of a KV head matches."""
     tp = len(parts)
-    kvm = max(1, tp // n_kv)
-    if kvm == 1:
+    if tp <= n_kv:
         return torch.cat(parts, dim=0)
-    for rank in range(n_kv, tp):
-        if not torch.allclose(parts[rank], parts[rank % n_kv], atol=atol, rtol=0):
-            diff = (parts[rank].float() - parts[rank % n_kv].float()).abs().max().item()
-            raise ValueError(
-                f"{name}: KV replica on tp rank {rank} differs from rank {rank % n_kv} (max abs diff {diff:.3g})"
-            )
-    return torch.cat(parts[:n_kv], dim=0)
+    heads = []
+    for group in kv_shared_ranks(tp, n_kv, layout):
+        first = group[0]
+        for rank in group[1:]:
+            if not torch.allclose(parts[rank], parts[first], atol=atol, rtol=0):
+                diff = (parts[rank].float() - parts[first].float()).abs().max().item()
+                raise ValueError(f"{name}: KV replica on tp rank {rank} differs from rank {first} (max abs diff "
+                                 f"{diff:.3g}; {layout} layout)")
+        heads.append(parts[first])
+    return torch.cat(heads, dim=0)
 
 
-def unshard_to_hf(ranks: list[dict[str, torch.Tensor]], config: LlamaConfig) -> dict[str, torch.Tensor]:
+def unshard_to_hf(ranks: list[dict[str, torch.Tensor]], config: LlamaConfig,
+                  layout: str = "trn1") -> dict[str, torch.Tensor]:
     """Rebuild the full HF state dict from NxD rank state dicts (checks KV replicas are equal)."""
     tp, n_kv = len(ranks), config.num_key_value_heads
     check_tensor_parallel(config, tp)
@@ -213,15 +270,15 @@ def unshard_to_hf(ranks: list[dict[str, torch.Tensor]], config: LlamaConfig) -> 
         elif sub == "self_attn.qkv_proj.weight_qkv":
             kv_rows = (parts[0].shape[0] - q_rows) // 2
             split = [p.split([q_rows, kv_rows, kv_rows]) for p in parts]
-            out[prefix + "self_attn.q_proj.weight"] = unshard_q_rows([s[0] for s in split], n_kv)
+            out[prefix + "self_attn.q_proj.weight"] = unshard_q_rows([s[0] for s in split], n_kv, layout)
             for i, name in ((1, "k"), (2, "v")):
-                out[prefix + f"self_attn.{name}_proj.weight"] = unshard_kv_rows([s[i] for s in split], n_kv, key)
+                out[prefix + f"self_attn.{name}_proj.weight"] = unshard_kv_rows([s[i] for s in split], n_kv, key, layout=layout)
         elif sub == "self_attn.qkv_proj.weight_q":
-            out[prefix + "self_attn.q_proj.weight"] = unshard_q_rows(parts, n_kv)
+            out[prefix + "self_attn.q_proj.weight"] = unshard_q_rows(parts, n_kv, layout)
         elif sub in ("self_attn.qkv_proj.weight_k", "self_attn.qkv_proj.weight_v"):
-            out[prefix + f"self_attn.{sub[-1]}_proj.weight"] = unshard_kv_rows(parts, n_kv, key)
+            out[prefix + f"self_attn.{sub[-1]}_proj.weight"] = unshard_kv_rows(parts, n_kv, key, layout=layout)
         elif sub == "self_attn.o_proj.weight":
-            out[key] = unshard_o_cols(parts, n_kv)
+            out[key] = unshard_o_cols(parts, n_kv, layout)
         elif sub == "mlp.gate_up_proj.weight":
             halves = [p.chunk(2, dim=0) for p in parts]
             out[prefix + "mlp.gate_proj.weight"] = torch.cat([h[0] for h in halves], dim=0)
@@ -246,7 +303,7 @@ _HF_TO_NXD_MODULE = {hf: nxd for nxd, group in _FUSED_GROUPS.items() for hf in g
 
 
 def shard_lora_state_dict(
-    hf_lora: dict[str, torch.Tensor], config: LlamaConfig, tp_size: int, fuse_qkv: bool = False
+    hf_lora: dict[str, torch.Tensor], config: LlamaConfig, tp_size: int, fuse_qkv: bool = False, layout: str = "trn1"
 ) -> list[dict[str, torch.Tensor]]:
     """Split an HF-layout LoRA adapter into NxD rank state dicts (keys as ``apply_lora`` names them)."""
     kvm = check_tensor_parallel(config, tp_size)
@@ -287,9 +344,9 @@ def shard_lora_state_dict(
                                      f"{nxd} has one shared lora_A")
             put(target + ".lora_A.weight", [a(group[0])] * tp_size)
             if nxd == "self_attn.qkv_proj":
-                q = _q_rows(b(group[0]), tp_size, n_kv)
-                k = _kv_rows(b(group[1]), tp_size, kvm)
-                v = _kv_rows(b(group[2]), tp_size, kvm)
+                q = _q_rows(b(group[0]), tp_size, n_kv, layout)
+                k = _kv_rows(b(group[1]), tp_size, kvm, layout)
+                v = _kv_rows(b(group[2]), tp_size, kvm, layout)
                 if fuse_qkv:
                     put(target + ".lora_B.weight_qkv", [torch.cat(p) for p in zip(q, k, v)])
                 else:
@@ -300,7 +357,7 @@ def shard_lora_state_dict(
                 gate, up = b(group[0]).chunk(tp_size, dim=0), b(group[1]).chunk(tp_size, dim=0)
                 put(target + ".lora_B.weight", [torch.cat(p) for p in zip(gate, up)])
         elif nxd == "self_attn.o_proj":
-            put(target + ".lora_A.weight", _o_cols(a(nxd), tp_size, n_kv))
+            put(target + ".lora_A.weight", _o_cols(a(nxd), tp_size, n_kv, layout))
             put(target + ".lora_B.weight", [b(nxd)] * tp_size)
         elif nxd == "mlp.down_proj":
             put(target + ".lora_A.weight", list(a(nxd).chunk(tp_size, dim=1)))
@@ -310,7 +367,8 @@ def shard_lora_state_dict(
     return ranks
 
 
-def unshard_lora_state_dict(ranks: list[dict[str, torch.Tensor]], config: LlamaConfig) -> dict[str, torch.Tensor]:
+def unshard_lora_state_dict(ranks: list[dict[str, torch.Tensor]], config: LlamaConfig,
+                            layout: str = "trn1") -> dict[str, torch.Tensor]:
     """Rebuild the HF-layout adapter (fused lora_A copied to each part, KV replicas checked)."""
     tp, n_kv = len(ranks), config.num_key_value_heads
     q_rows = config.num_attention_heads * config.head_dim // tp
@@ -336,7 +394,8 @@ def unshard_lora_state_dict(ranks: list[dict[str, torch.Tensor]], config: LlamaC
             else:
                 pieces = {param[-1]: parts}
             for name, shards in pieces.items():
-                full = unshard_q_rows(shards, n_kv) if name == "q" else unshard_kv_rows(shards, n_kv, key)
+                full = (unshard_q_rows(shards, n_kv, layout) if name == "q"
+                        else unshard_kv_rows(shards, n_kv, key, layout=layout))
                 out[f"{prefix}self_attn.{name}_proj.lora_B.weight"] = full
         elif sub == "mlp.gate_up_proj":
             halves = [p.chunk(2, dim=0) for p in parts]
@@ -348,7 +407,7 @@ def unshard_lora_state_dict(ranks: list[dict[str, torch.Tensor]], config: LlamaC
                     raise ValueError(f"{key}: replicated lora_B differs between tp ranks")
             out[f"{prefix}{sub}.lora_B.weight"] = parts[0]
         elif sub == "self_attn.o_proj":
-            out[f"{prefix}{sub}.lora_A.weight"] = unshard_o_cols(parts, n_kv)
+            out[f"{prefix}{sub}.lora_A.weight"] = unshard_o_cols(parts, n_kv, layout)
         elif sub == "mlp.down_proj":
             out[f"{prefix}{sub}.lora_A.weight"] = torch.cat(parts, dim=1)
         else:

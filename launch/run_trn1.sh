@@ -7,8 +7,9 @@
 #   --config FILE          the recipe (configs/*.yaml); overrides follow as section.key=value
 #   --nodes N              nodes in the job (default: Slurm's node count, else $NNODES, else 1)
 #   --cores-per-node N     ranks per node (default: $NEURON_RT_NUM_CORES, else neuron-ls, else 32)
-#   --target trn1|trn2     compiler target and plan device (default: trn2 when neuron-ls reports a
-#                          logical NeuronCore config, else trn1)
+#   --target trn1|trn2     compiler target, plan device and the NxD checkpoint layout the job needs
+#                          (default: trn2 when neuron-ls reports a logical NeuronCore config, else trn1);
+#                          a checkpoint or recipe (model.kv_layout) for the other layout is refused
 #   --cache DIR|s3://URL   Neuron compile cache (default: $NEURON_COMPILE_CACHE_URL, else
 #                          ~/.cache/neuron-compile-cache); an s3:// cache is shared by every node and job
 #   --precompile           first run the identical command under neuron_parallel_compile, which
@@ -20,7 +21,8 @@
 # Multi-node: under Slurm (one task per node: srun launch/run_trn1.sh ...) the node count, this
 # node's rank and the first node's address come from Slurm; elsewhere set NNODES, NODE_RANK and
 # MASTER_ADDR on every node. Before anything starts, `nxd-lora plan` checks that train.tp x
-# train.dp equals nodes x cores and that the recipe fits a NeuronCore's memory.
+# train.dp equals nodes x cores, that the recipe fits a NeuronCore's memory, and that the
+# checkpoint's KV layout is the target's (trn1 and trn2 place replicated KV heads differently).
 # Every Neuron variable set here keeps a value you exported before.
 set -euo pipefail
 
@@ -71,7 +73,7 @@ case "$TARGET" in trn1|trn2) ;; *) die "--target must be trn1 or trn2 (got '$TAR
 if [ -n "${SLURM_JOB_NODELIST:-}" ]; then
   NODES=${NODES:-${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}}
   NODE_RANK=${SLURM_NODEID:?Slurm job without SLURM_NODEID: launch one task per node with srun}
-  MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
+  MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)}  # sed reads it all: no SIGPIPE under pipefail
 else
   NODES=${NODES:-${NNODES:-1}}
   NODE_RANK=${NODE_RANK:-0}

@@ -137,7 +137,7 @@ def save_lora_checkpoint(model: nn.Module, backend: Backend, root: str | Path, t
                     "format_version": FORMAT_VERSION, "written_by": "nxd-lora train", "kind": "lora", "tag": tag,
                     "save_mode": mode, "lora": asdict(lora), "config": model.config.to_hf_dict(),
                     "tp": backend.tp_size, "pp": 1, "kv_size_multiplier": model.kv_size_multiplier,
-                    "kv_layout": "trn1", "fuse_qkv": model.fuse_qkv, "fuse_gate_up": True,
+                    "kv_layout": backend.kv_layout, "fuse_qkv": model.fuse_qkv, "fuse_gate_up": True,
                     "dtype": str(next(p for n, p in model.named_parameters() if "lora_" not in n).dtype)
                     .removeprefix("torch."), **(extra or {}),
                 }, {"scheduler.pt": scheduler, "user_content.pt": user_content}, lora, mode)

@@ -19,26 +19,30 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from checkpoint_tools.convert import convert_source_to_hf, convert_to_hf, convert_to_nxd
+    from checkpoint_tools.convert import convert_source_to_hf, convert_to_nxd
     from checkpoint_tools.llama_config import LlamaConfig
-    from checkpoint_tools.nxd_format import MANIFEST, resolve_tag_dir
+    from checkpoint_tools.nxd_format import read_manifest, resolve_tag_dir
+    from checkpoint_tools.nxd_source import is_nxd_checkpoint
+    from nxd_lora.doctor import default_kv_layout
 
-    try:
-        is_nxd = (resolve_tag_dir(args.src) / MANIFEST).is_file()
-    except FileNotFoundError:
-        is_nxd = False
-    if is_nxd:
-        if args.tp is not None:
-            raise ValueError(f"{args.src} is an NxD checkpoint: it converts back to HF, and --tp does not apply")
-        convert_to_hf(args.src, args.dst, overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_gb * 2**30))
-        return 0
     config = LlamaConfig.from_json(args.config) if args.config else None
-    if args.tp is None:  # GGUF / Meta / HF -> HF safetensors
+    if args.retarget:
+        if not is_nxd_checkpoint(args.src):
+            raise ValueError(f"{args.src}: --retarget re-lays out an NxD checkpoint written by nxd-lora; this is not one")
+        if args.target and args.target != args.retarget:
+            raise ValueError(f"--retarget {args.retarget} and --target {args.target} disagree")
+        manifest = read_manifest(resolve_tag_dir(args.src))
+        args.tp, args.target = args.tp or int(manifest["tp"]), args.retarget
+        args.fuse_qkv = manifest["fuse_qkv"] if args.fuse_qkv is None else args.fuse_qkv
+    if args.tp is None:  # GGUF / Meta / HF / NxD -> HF safetensors
+        if args.target:
+            raise ValueError("--target lays out NxD shards: it needs --tp (or use --retarget on an NxD checkpoint)")
         convert_source_to_hf(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, config=config,
                              max_shard_bytes=int(args.max_shard_gb * 2**30))
         return 0
-    convert_to_nxd(args.src, args.dst, args.tp, fuse_qkv=args.fuse_qkv, dtype=args.dtype, overwrite=args.overwrite,
-                   config=config, memory_budget=int(args.memory_budget_gb * 2**30))
+    convert_to_nxd(args.src, args.dst, args.tp, fuse_qkv=bool(args.fuse_qkv), dtype=args.dtype,
+                   overwrite=args.overwrite, config=config, memory_budget=int(args.memory_budget_gb * 2**30),
+                   target=args.target or default_kv_layout())
     return 0
 
 
@@ -88,7 +92,14 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from nxd_lora.plan import check_parallel_layout, check_plan_fits, plan_recipe, recipe_model_config
+    from nxd_lora.plan import (
+        check_layout_for_device,
+        check_parallel_layout,
+        check_plan_fits,
+        device_for_backend,
+        plan_recipe,
+        recipe_model_config,
+    )
     from nxd_lora.train.config import load_recipe
 
     recipe = load_recipe(args.config, args.overrides)
@@ -98,6 +109,10 @@ def _plan(args: argparse.Namespace) -> int:
         dp = check_parallel_layout(recipe.train, args.world_size, source)
         print(f"layout: world size {args.world_size} = tp {recipe.train.tp} x dp {dp}")
     plan = plan_recipe(recipe, args.device)
+    device = args.device or (device_for_backend("neuron") if recipe.train.backend == "neuron" else None)
+    layout = check_layout_for_device(recipe, config, device, source) if device else None
+    if layout:
+        print(f"checkpoint layout: {layout} (KV heads {config.num_key_value_heads}, tp {recipe.train.tp})")
     print(f"model: {where} ({config.num_hidden_layers} layers, hidden {config.hidden_size}); "
           f"seq_len {recipe.data.seq_len}, micro_batch_size {recipe.train.micro_batch_size}, "
           f"activation_checkpointing {recipe.train.activation_checkpointing}, LoRA r={recipe.lora.lora_rank} on "
@@ -125,18 +140,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     convert = sub.add_parser(
-        "convert", help="HF/Meta/GGUF Llama -> TP-sharded NxD checkpoint (--tp), or -> HF safetensors (no --tp)",
+        "convert", help="HF/Meta/GGUF/NxD Llama -> TP-sharded NxD checkpoint (--tp, --target trn1|trn2; "
+                        "--retarget), or -> HF safetensors (no --tp)",
         description="SRC is an HF directory (safetensors/.bin with config.json), a Meta directory "
                     "(original/consolidated.NN.pth with params.json), a .gguf file, or a directory written by "
                     "'nxd-lora convert'. With --tp it becomes NxD shards under DST/pretrained_weight/model/ "
-                    "(tokenizer files in DST/); without, an HF model directory (an NxD checkpoint is gathered "
-                    "back, a GGUF file is dequantized).")
+                    "(tokenizer files in DST/), laid out for --target; without, an HF model directory (an NxD "
+                    "checkpoint is gathered back, a GGUF file is dequantized). An NxD SRC with --tp re-shards "
+                    "it; --retarget LAYOUT keeps its tp and changes its layout.")
     convert.add_argument("src")
     convert.add_argument("dst")
     convert.add_argument("--tp", type=int, help="tensor-parallel size towards NxD, e.g. 32 on trn1.32xlarge "
                                                 "(omit to write HF safetensors)")
-    convert.add_argument("--fuse-qkv", action=argparse.BooleanOptionalAction, default=False,
+    convert.add_argument("--fuse-qkv", action=argparse.BooleanOptionalAction, default=None,
                          help="store qkv_proj.weight_qkv instead of weight_q/_k/_v (default: separate)")
+    convert.add_argument("--target", choices=["trn1", "trn2"],
+                         help="NxD layout of replicated KV heads, as NxD's converter --hw_backend (default: this "
+                              "host's Trainium generation on a Neuron host, else trn1)")
+    convert.add_argument("--retarget", choices=["trn1", "trn2"],
+                         help="re-lay out an NxD checkpoint for the other platform (same tp and qkv fusion unless "
+                              "given), without going through HF files")
     convert.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], help="output dtype (default: the source's)")
     convert.add_argument("--config", help="HF config.json to use instead of the one found beside the weights")
     convert.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")

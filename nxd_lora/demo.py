@@ -118,7 +118,8 @@ def trained_logits(base_ckpt: str, lora_tag: str | None, tp: int, input_ids: tor
 
     backend = get_backend("cpu")
     base_tag = Path(base_ckpt) / BASE_TAG
-    backend.setup(tp, read_manifest(base_tag)["kv_size_multiplier"])
+    manifest = read_manifest(base_tag)
+    backend.setup(tp, manifest["kv_size_multiplier"], manifest["kv_layout"])
     try:
         model = build_trained_model(base_tag, lora_tag, backend)
         with torch.no_grad():
@@ -250,7 +251,9 @@ def run_demo(output: str = "demo_output", tiny: bool = False, extra_overrides: l
         os.environ["NXD_LORA_NO_BAR"] = "1"
 
     def on_every_rank(fn, *args):
-        return fn(*args) if launched else spawn_ranks(fn, tp, *args)[0]
+        # The timeout only guards against a hung rank: training takes 6 minutes on 2 idle cores, twice that
+        # on a busy machine, and must not be cut short there.
+        return fn(*args) if launched else spawn_ranks(fn, tp, *args, timeout=3600.0)[0]
 
     final = root / "run" / "final"
     questions = [q for q in eval_questions() if q["kind"] == "general"][:3] if tiny else eval_questions()

@@ -112,6 +112,13 @@ def neuron_platform() -> str:
     return "trn2" if any(isinstance(d, dict) and "logical_neuroncore_config" in d for d in devices) else "trn1"
 
 
+def default_kv_layout() -> str:
+    """The NxD checkpoint layout to write by default: this host's Trainium generation on a Neuron
+    host, else trn1 (a CPU box converting for a cluster should say --target)."""
+    devices, _ = neuron_devices()
+    return neuron_platform() if devices else "trn1"
+
+
 def host_memory_gib() -> float:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():

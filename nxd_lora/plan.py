@@ -23,6 +23,7 @@ from pathlib import Path
 
 from checkpoint_tools.llama_config import LlamaConfig, check_tensor_parallel
 from checkpoint_tools.nxd_format import BASE_TAG, MANIFEST, manifest_config, read_manifest
+from checkpoint_tools.tp_layout import check_layout_matches
 from nxd_lora.lora.config import LoraConfig
 from nxd_lora.model.presets import PRESETS, preset_config
 from nxd_lora.parallel.loss import CHUNK_ELEMENTS
@@ -214,6 +215,23 @@ def check_parallel_layout(cfg: TrainConfig, world_size: int, source: str = "reci
     return dp
 
 
+def check_layout_for_device(recipe: Recipe, config: LlamaConfig, device: str, source: str) -> str | None:
+    """On a Trainium ``device``, the KV layout the recipe expects (``model.kv_layout``) and the one its
+    converted checkpoint has (when it exists here) must be that device's where it matters (tp > KV
+    heads). Returns the layout the job needs, or None off Trainium."""
+    if device not in ("trn1", "trn2"):
+        return None
+    kvm = check_tensor_parallel(config, recipe.train.tp)
+    if recipe.model.kv_layout:
+        check_layout_matches(recipe.model.kv_layout, device, recipe.train.tp, kvm,
+                             f"{source} (model.kv_layout on {device})")
+    tag = Path(recipe.model.checkpoint) / BASE_TAG if recipe.model.checkpoint else None
+    if tag is not None and (tag / MANIFEST).is_file():
+        check_layout_matches(read_manifest(tag).get("kv_layout", "trn1"), device, recipe.train.tp, kvm,
+                             f"{tag} (on {device})")
+    return device
+
+
 def check_job(recipe: Recipe, config: LlamaConfig, world_size: int, source: str, device: str | None = None) -> int:
     """What a job's recipe must agree with before it starts: ``config`` (the model it will train)
     has ``model.architecture``, ``train.tp`` x ``train.dp`` is ``world_size``, and with a
@@ -223,5 +241,6 @@ def check_job(recipe: Recipe, config: LlamaConfig, world_size: int, source: str,
                            f"model.architecture={recipe.model.architecture!r} vs {source}")
     dp = check_parallel_layout(recipe.train, world_size, source)
     if device:
+        check_layout_for_device(recipe, config, device, source)
         check_plan_fits(plan_recipe(recipe, device, config), source)
     return dp

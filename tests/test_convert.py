@@ -59,12 +59,13 @@ def test_hf_to_nxd_to_hf_is_bit_exact(llama3, tmp_path, layout, tp):
     assert len(list((tmp_path / "back").glob("model-*-of-*.safetensors"))) > 1
 
 
+@pytest.mark.parametrize("layout", ["trn1", "trn2"])
 @pytest.mark.parametrize("fuse_qkv", [False, True])
-def test_tp8_with_kv_replication_and_tied_embeddings(tmp_path, fuse_qkv):
+def test_tp8_with_kv_replication_and_tied_embeddings(tmp_path, fuse_qkv, layout):
     model = make_hf_model(LLAMA32_TIED_TINY)
     model.save_pretrained(tmp_path / "hf")
-    manifest = convert_to_nxd(tmp_path / "hf", tmp_path / "nxd", 8, fuse_qkv=fuse_qkv, **QUIET)
-    assert manifest["kv_size_multiplier"] == 8
+    manifest = convert_to_nxd(tmp_path / "hf", tmp_path / "nxd", 8, fuse_qkv=fuse_qkv, target=layout, **QUIET)
+    assert manifest["kv_size_multiplier"] == 8 and manifest["kv_layout"] == layout
     rank = torch.load(rank_path(tmp_path / "nxd" / BASE_TAG, 5), weights_only=True)
     # NxD's Llama always has an lm_head: tied models get a copy of the embedding shard.
     assert torch.equal(rank["lm_head.weight"], rank["model.embed_tokens.weight"])
@@ -180,7 +181,7 @@ def _logits_from_rank_files(ckpt: str, tp: int, input_ids: torch.Tensor) -> dict
 
     manifest = check(f"{ckpt}/{BASE_TAG}", tp=tp)
     backend = get_backend("cpu")
-    backend.setup(tp, manifest["kv_size_multiplier"])
+    backend.setup(tp, manifest["kv_size_multiplier"], manifest["kv_layout"])
     try:
         state = backend.load_rank_tensors(rank_path(f"{ckpt}/{BASE_TAG}", backend.tp_rank))
         model = build_model(manifest_config(manifest, ckpt), backend, state, fuse_qkv=manifest["fuse_qkv"])
@@ -190,10 +191,10 @@ def _logits_from_rank_files(ckpt: str, tp: int, input_ids: torch.Tensor) -> dict
         backend.teardown()
 
 
-@pytest.mark.parametrize("tp, fuse_qkv", [(2, True), (4, False)])
-def test_converted_shards_load_into_our_model_and_give_hf_logits(llama3, tmp_path, tp, fuse_qkv):
+@pytest.mark.parametrize("tp, fuse_qkv, layout", [(2, True, "trn1"), (4, False, "trn1"), (4, True, "trn2")])
+def test_converted_shards_load_into_our_model_and_give_hf_logits(llama3, tmp_path, tp, fuse_qkv, layout):
     model, root = llama3
-    convert_to_nxd(root / "sharded", tmp_path / "nxd", tp, fuse_qkv=fuse_qkv, **QUIET)
+    convert_to_nxd(root / "sharded", tmp_path / "nxd", tp, fuse_qkv=fuse_qkv, target=layout, **QUIET)
     input_ids = torch.randint(0, 64, (2, 16))
     with torch.no_grad():
         expected = model(input_ids).logits

@@ -20,19 +20,21 @@ QUIET = dict(log=lambda message: None)
 TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny Llama converted to TP=4 (KV heads replicated), LoRA-trained on 4 gloo ranks, saved 3 ways."""
-    root = tmp_path_factory.mktemp("trained")
+@pytest.fixture(scope="module", params=["trn1", "trn2"])
+def trained(tmp_path_factory, request):
+    """A tiny Llama converted to TP=4 (KV heads replicated, in each NxD layout), LoRA-trained on 4 gloo
+    ranks, saved 3 ways."""
+    root = tmp_path_factory.mktemp(f"trained_{request.param}")
     model = make_hf_model(LLAMA3_TINY)
     model.save_pretrained(root / "hf")
-    convert_to_nxd(root / "hf", root / "base", 4, **QUIET)
+    convert_to_nxd(root / "hf", root / "base", 4, target=request.param, **QUIET)
     input_ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
     lora = dict(lora_rank=4, lora_alpha=8, target_modules=TARGETS)
     results = spawn_ranks(train_and_save, 4, str(root / "base"), str(root / "runs"), 4, lora, input_ids)
     with torch.no_grad():
         base_logits = model(input_ids).logits
-    return dict(root=root, input_ids=input_ids, logits=results[0]["logits"], base_logits=base_logits)
+    return dict(root=root, input_ids=input_ids, logits=results[0]["logits"], base_logits=base_logits,
+                layout=request.param)
 
 
 def _hf_logits(model, input_ids):
@@ -86,7 +88,8 @@ def test_saved_tags_carry_nxd_adapter_config_and_manifest(trained):
         assert tag.name == "step_3" and (tag / "done").read_text() == "1"
         config = json.loads((tag / "adapter_config.json").read_text())
         assert (config["save_lora_base"], config["merge_lora"], config["r"]) == (save_base, merge, 4)
-        assert json.loads((tag / MANIFEST).read_text())["save_mode"] == mode.replace("_", "+")
+        manifest = json.loads((tag / MANIFEST).read_text())
+        assert (manifest["save_mode"], manifest["kv_layout"]) == (mode.replace("_", "+"), trained["layout"])
         keys = torch.load(tag / "model" / "dp_rank_00_tp_rank_03_pp_rank_00.pt", weights_only=True).keys()
         has_lora = any("lora_" in k for k in keys)
         assert has_lora == (mode != "merged")

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "launch" / "run_trn1.sh"
 RECIPE_8B = str(ROOT / "configs" / "llama3-8b-trn1-tp32.yaml")
 RECIPE_70B = str(ROOT / "configs" / "llama3.1-70b-trn1-tp32.yaml")
+RECIPE_8B_TRN2 = str(ROOT / "configs" / "llama3-8b-trn2-tp32.yaml")
 
 RECORDER = """#!{python}
 import json, os, sys
@@ -127,11 +128,16 @@ def test_a_recipe_that_does_not_fit_is_refused_before_launch(launcher):
 
 def test_trn2_hosts_are_detected_and_compiled_for(launcher):
     trn2 = dict(cores_per_device=4, memory_size=103079215104, logical_neuroncore_config=2)
-    proc, calls = launcher("--config", RECIPE_8B, "train.dp=2", neuron_cores=64, neuron_ls=trn2)
+    proc, calls = launcher("--config", RECIPE_8B_TRN2, "train.dp=2", neuron_cores=64, neuron_ls=trn2)
     assert proc.returncode == 0, proc.stderr
     assert calls[0]["argv"][:2] == ["--nproc-per-node", "64"]
     assert calls[0]["env"]["NEURON_CC_FLAGS"].endswith("--target=trn2")
     assert "on trn2 (24 GiB)" in proc.stdout and "world size 64 = tp 32 x dp 2" in proc.stdout
+    assert "checkpoint layout: trn2" in proc.stdout
+    # The trn1 recipe (trn1 layout, KV heads replicated 4x) is refused there before anything starts.
+    proc, calls = launcher("--config", RECIPE_8B, "train.dp=2", neuron_cores=64, neuron_ls=trn2)
+    assert proc.returncode == 2 and not calls
+    assert "KV layout trn1, but trn2 is needed" in proc.stderr and "nothing was launched" in proc.stderr
 
 
 def test_bad_arguments_are_named(launcher):

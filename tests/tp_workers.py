@@ -16,19 +16,19 @@ from nxd_lora.parallel import parallel_linear_cross_entropy
 
 
 def forward_backward(config_dict: dict, tp: int, hf_state: dict, input_ids: torch.Tensor, labels: torch.Tensor,
-                     fuse_qkv: bool, lora_kwargs: dict, hf_lora: dict | None = None) -> dict:
+                     fuse_qkv: bool, lora_kwargs: dict, hf_lora: dict | None = None, kv_layout: str = "trn1") -> dict:
     """Base logits; then with LoRA applied: logits (gathered), loss, this rank's LoRA params and grads;
     and loss + grads again from the chunked logits-free loss under each activation-checkpointing mode."""
     config = LlamaConfig.from_dict(config_dict)
     backend = get_backend("cpu")
-    backend.setup(tp, check_tensor_parallel(config, tp))
+    backend.setup(tp, check_tensor_parallel(config, tp), kv_layout)
     try:
         model = build_model(config, backend, rank_state_from_hf(hf_state, config, backend, fuse_qkv), None, fuse_qkv)
         with torch.no_grad():
             base_logits, base_loss = model(input_ids, labels=labels, gather_logits=True)
         apply_lora(model, LoraConfig(**lora_kwargs), layers=backend.layers)
         if hf_lora is not None:
-            load_lora_state_dict(model, shard_lora_state_dict(hf_lora, config, tp, fuse_qkv)[backend.tp_rank])
+            load_lora_state_dict(model, shard_lora_state_dict(hf_lora, config, tp, fuse_qkv, kv_layout)[backend.tp_rank])
         logits, loss = model(input_ids, labels=labels, gather_logits=True)
         loss.backward()
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -67,7 +67,7 @@ def train_and_save(base_dir: str, out_root: str, tp: int, lora_kwargs: dict, inp
     manifest = check_manifest(f"{base_dir}/pretrained_weight", tp=tp)
     config = manifest_config(manifest, base_dir)
     backend = get_backend("cpu")
-    backend.setup(tp, manifest["kv_size_multiplier"])
+    backend.setup(tp, manifest["kv_size_multiplier"], manifest["kv_layout"])
     try:
         lora = LoraConfig(**lora_kwargs)
         base = backend.load_rank_tensors(rank_path(f"{base_dir}/pretrained_weight", backend.tp_rank))

@@ -23,10 +23,12 @@ class BackendUnavailable(RuntimeError):
 
 class Backend(ABC):
     name: str
+    kv_layout: str = "trn1"  # of the checkpoint being trained, set by ``setup``; saves record it
 
     @abstractmethod
-    def setup(self, tp_size: int, kv_size_multiplier: int = 1) -> None:
-        """Join the process group (torchrun's env:// variables, or a single process) and build TP groups."""
+    def setup(self, tp_size: int, kv_size_multiplier: int = 1, kv_layout: str = "trn1") -> None:
+        """Join the process group (torchrun's env:// variables, or a single process) and build TP groups
+        (the kv-shared ones for the checkpoint's ``kv_layout``, trn1 or trn2)."""
 
     @property
     @abstractmethod

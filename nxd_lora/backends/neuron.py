@@ -36,8 +36,10 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
+from checkpoint_tools.tp_layout import check_layout_matches
 from nxd_lora.backends.base import BackendUnavailable
 from nxd_lora.backends.xla import XlaBackend
+from nxd_lora.doctor import neuron_platform
 
 NEURON_PIP_REPOSITORY = "https://pip.repos.neuron.amazonaws.com"
 NEURON_SDK = "2.28"
@@ -102,12 +104,16 @@ class NeuronBackend(XlaBackend):
         names["parallel_cross_entropy"] = masked_cross_entropy(names["parallel_cross_entropy"])
         self._layers = SimpleNamespace(**names, state=self.parallel_state)
 
-    def setup(self, tp_size: int, kv_size_multiplier: int = 1) -> None:
+    def setup(self, tp_size: int, kv_size_multiplier: int = 1, kv_layout: str = "trn1") -> None:
         """Join torchrun's process group over the xla backend and build NxD's TP/DP groups.
 
         ``kv_size_multiplier`` needs no set-up here: NxD's GQA layer creates the kv-shared
-        groups when the model is built.
+        groups when the model is built, for the platform it runs on. So with replicated KV heads
+        the checkpoint's ``kv_layout`` must be this platform's, or K/V gradients would be summed
+        across ranks that hold different heads; that is refused here.
         """
+        check_layout_matches(kv_layout, neuron_platform(), tp_size, kv_size_multiplier,
+                             f"the checkpoint (on this {neuron_platform()} host)")
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world % tp_size:
             raise ValueError(f"tp={tp_size} does not divide the world size {world} (WORLD_SIZE from the launcher)")
@@ -117,6 +123,7 @@ class NeuronBackend(XlaBackend):
             os.environ.setdefault("MASTER_PORT", "29500")
             dist.init_process_group("xla", init_method="xla://")
         self.parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size)
+        self.kv_layout = kv_layout
 
     @property
     def layers(self) -> SimpleNamespace:

@@ -18,7 +18,7 @@ from nxd_lora.parallel import state
 class TorchDistributedBackend(Backend):
     dist_backend: str
 
-    def setup(self, tp_size: int, kv_size_multiplier: int = 1) -> None:
+    def setup(self, tp_size: int, kv_size_multiplier: int = 1, kv_layout: str = "trn1") -> None:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         self._owns_group = world > 1 and not dist.is_initialized()
         if self._owns_group:  # a group the caller made is the caller's to destroy
@@ -26,7 +26,8 @@ class TorchDistributedBackend(Backend):
             dist.init_process_group(self.dist_backend, init_method="env://")
         if world % tp_size:
             raise ValueError(f"tp={tp_size} does not divide the world size {world} (WORLD_SIZE from the launcher)")
-        state.initialize_model_parallel(tp_size, kv_size_multiplier)
+        state.initialize_model_parallel(tp_size, kv_size_multiplier, kv_layout)
+        self.kv_layout = kv_layout
 
     def _bind_device(self) -> None:
         """Hook for backends that pin one device per local rank."""

@@ -33,12 +33,13 @@ class XlaBackend(Backend):
             raise BackendUnavailable(f"backend 'xla' needs torch-xla ({err}): pip install 'nxd-lora[xla]'") from None
         self.step_stats: list[dict[str, int]] = []
 
-    def setup(self, tp_size: int, kv_size_multiplier: int = 1) -> None:
+    def setup(self, tp_size: int, kv_size_multiplier: int = 1, kv_layout: str = "trn1") -> None:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world != 1 or tp_size != 1:
             raise ValueError(f"backend 'xla' runs one process with tp=1 (got WORLD_SIZE={world}, tp={tp_size}): "
                              "collectives do not work on CPU XLA; use backend 'cpu' for multi-rank TP")
         state.initialize_model_parallel(1, kv_size_multiplier)
+        self.kv_layout = kv_layout
 
     @property
     def device(self) -> torch.device:

@@ -9,7 +9,7 @@ import torch
 
 from checkpoint_tools.atomic_io import load_tensors
 from checkpoint_tools.llama_config import LlamaConfig
-from checkpoint_tools.nxd_format import check_manifest, manifest_config, rank_path, read_manifest
+from checkpoint_tools.nxd_format import check_manifest, manifest_config, rank_path
 from checkpoint_tools.tp_layout import shard_hf_state_dict
 from nxd_lora.backends.base import Backend
 from nxd_lora.lora.config import LoraConfig
@@ -46,16 +46,17 @@ def build_model(
 
 def rank_state_from_hf(hf_state: dict[str, torch.Tensor], config: LlamaConfig, backend: Backend,
                        fuse_qkv: bool = False) -> dict[str, torch.Tensor]:
-    """Shard a full HF state dict in memory and keep this rank's part (small models and tests)."""
-    return shard_hf_state_dict(hf_state, config, backend.tp_size, fuse_qkv)[backend.tp_rank]
+    """Shard a full HF state dict in memory (in the backend's KV layout) and keep this rank's part
+    (small models and tests)."""
+    return shard_hf_state_dict(hf_state, config, backend.tp_size, fuse_qkv, backend.kv_layout)[backend.tp_rank]
 
 
 def build_trained_model(base_tag: str | Path, lora_tag: str | Path | None, backend: Backend) -> LlamaForCausalLM:
     """This rank's model from a converted base tag plus, when given, a trained ``adapter`` (or
     ``base+adapter``) tag, on an already set-up ``backend``: the model as training left it, for evaluation."""
-    lora_manifest = read_manifest(Path(lora_tag)) if lora_tag is not None else None
+    lora_manifest = check_manifest(Path(lora_tag), kv_layout=backend.kv_layout) if lora_tag is not None else None
     expected = {"fuse_qkv": lora_manifest["fuse_qkv"]} if lora_manifest else {}
-    manifest = check_manifest(Path(base_tag), tp=backend.tp_size, **expected)
+    manifest = check_manifest(Path(base_tag), tp=backend.tp_size, kv_layout=backend.kv_layout, **expected)
     config = manifest_config(manifest, Path(base_tag))
     lora = LoraConfig(**lora_manifest["lora"]) if lora_manifest else None
     model = build_model(config, backend, load_tensors(rank_path(base_tag, backend.tp_rank)), lora,

@@ -4,7 +4,9 @@ Ranks are grouped as in NxD: the tensor-parallel group of global rank ``g`` is t
 ``tp`` consecutive ranks ``[g // tp * tp, ... + tp)``; data-parallel groups stride across
 them. When GQA KV heads are replicated (``kv_size_multiplier > 1``) the ranks of one TP
 group that hold the same KV head form a "kv-shared" group, over which the gradients of
-the replicated K/V weights are summed.
+the replicated K/V weights are summed; which ranks those are depends on the checkpoint's
+KV layout (trn1: ranks ``r % n_kv`` alike; trn2: ranks ``r // kvm`` alike), so the groups are
+built from the same function that lays the checkpoint out.
 
 Without an initialised process group everything reports a single rank, so a plain
 single-process program (TP=1) needs no setup at all.
@@ -15,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch.distributed as dist
+
+from checkpoint_tools.tp_layout import check_kv_layout, kv_shared_ranks
 
 
 @dataclass
@@ -32,7 +36,8 @@ class _ParallelState:
 _STATE: _ParallelState | None = None
 
 
-def initialize_model_parallel(tensor_model_parallel_size: int = 1, kv_size_multiplier: int = 1) -> None:
+def initialize_model_parallel(tensor_model_parallel_size: int = 1, kv_size_multiplier: int = 1,
+                              kv_layout: str = "trn1") -> None:
     """Create the TP, DP and kv-shared groups; every rank must call this with the same arguments."""
     global _STATE
     tp = tensor_model_parallel_size
@@ -42,6 +47,7 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, kv_size_multi
         raise ValueError(f"tensor_model_parallel_size={tp} must be >= 1 and divide the world size {world}")
     if kv_size_multiplier < 1 or tp % kv_size_multiplier != 0:
         raise ValueError(f"kv_size_multiplier={kv_size_multiplier} must be >= 1 and divide tensor_model_parallel_size={tp}")
+    check_kv_layout(kv_layout)
     if world == 1:
         _STATE = _ParallelState(1, 0, None, 1, 0, None, kv_size_multiplier, None)
         return
@@ -56,13 +62,12 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, kv_size_multi
         group = new_group(ranks)
         if rank in ranks:
             tp_group = group
-        # Ranks holding the same KV head: tp rank r shares with r + k * (tp // kvm).
-        stride = tp // kv_size_multiplier
-        for first in range(stride):
-            kv_ranks = [start + first + k * stride for k in range(kv_size_multiplier)]
-            kv = new_group(kv_ranks)
-            if rank in kv_ranks:
-                kv_group = kv
+        if kv_size_multiplier > 1:  # ranks holding the same KV head, as the checkpoint layout places them
+            for shared in kv_shared_ranks(tp, tp // kv_size_multiplier, kv_layout):
+                kv_ranks = [start + r for r in shared]
+                kv = new_group(kv_ranks)
+                if rank in kv_ranks:
+                    kv_group = kv
     for offset in range(tp):
         ranks = list(range(offset, world, tp))
         group = new_group(ranks)

@@ -25,6 +25,8 @@ class ModelConfig:
     dtype: str = "float32"        # float32 or bfloat16 base weights
     architecture: str = ""        # preset (llama3-8b...) or config.json: sizes `nxd-lora plan` before
                                   # conversion; train checks the checkpoint has this architecture
+    kv_layout: str = ""           # trn1 | trn2: the NxD layout model.checkpoint must have ("": the
+                                  # checkpoint's; on Trainium it must be the platform's either way)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from checkpoint_tools.nxd_format import (
     require_verified,
 )
 from checkpoint_tools.staging import sweep_stale
+from checkpoint_tools.tp_layout import check_layout_matches
 from nxd_lora.backends import get_backend
 from nxd_lora.checkpointing import SAVE_MODES, planned_save_bytes, save_lora_checkpoint
 from nxd_lora.doctor import check_stack, neuron_platform
@@ -100,6 +101,9 @@ def check_before_start(recipe: Recipe) -> tuple[Path, dict]:
         raise ValueError("model.checkpoint is required (a directory written by 'nxd-lora convert')")
     base_tag = Path(recipe.model.checkpoint) / BASE_TAG
     manifest = check_manifest(base_tag, tp=cfg.tp)
+    if recipe.model.kv_layout:
+        check_layout_matches(manifest["kv_layout"], recipe.model.kv_layout, cfg.tp, manifest["kv_size_multiplier"],
+                             f"{base_tag} (the recipe's model.kv_layout is {recipe.model.kv_layout})")
     check_job(recipe, manifest_config(manifest, base_tag), int(os.environ.get("WORLD_SIZE", "1")), str(base_tag),
               device=neuron_platform() if cfg.backend == "neuron" else None)
     return base_tag, manifest
@@ -113,7 +117,7 @@ def train(recipe: Recipe) -> dict:
     out = Path(cfg.output_dir)
     precompile = precompiling()
     backend = get_backend(cfg.backend)
-    backend.setup(cfg.tp, manifest["kv_size_multiplier"])
+    backend.setup(cfg.tp, manifest["kv_size_multiplier"], manifest["kv_layout"])
     try:
         L.seed_everything(cfg.seed, workers=False, verbose=False)
         tok = load_tokenizer(recipe.model.tokenizer or recipe.model.checkpoint)
@@ -145,7 +149,7 @@ def train(recipe: Recipe) -> dict:
             resume_tag = Path(cfg.resume)
         optimizer_state = scheduler_state = None
         if resume_tag is not None:
-            resumed = check_manifest(resume_tag, tp=cfg.tp, kind="lora")
+            resumed = check_manifest(resume_tag, tp=cfg.tp, kind="lora", kv_layout=manifest["kv_layout"])
             if resumed["lora"] != json.loads(json.dumps(recipe.to_dict()["lora"])):
                 raise ValueError(f"{resume_tag}: LoRA settings differ from this recipe's: {resumed['lora']}")
             load_lora_state_dict(model, load_verified(resume_tag, backend.tp_rank, resumed), str(resume_tag))
