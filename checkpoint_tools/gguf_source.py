@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from checkpoint_tools.llama_config import LlamaConfig
-from checkpoint_tools.sources import CheckpointError, Source, meta_to_hf_rope_rows, owned
+from checkpoint_tools.source_base import CheckpointError, Source, meta_to_hf_rope_rows, owned
 
 # Quantized types dequantize to float32; plain floats keep their dtype.
 SUPPORTED_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "Q4_0": torch.float32,

@@ -22,7 +22,7 @@ from checkpoint_tools.nxd_format import (
     require_verified,
     resolve_tag_dir,
 )
-from checkpoint_tools.sources import CheckpointError, Source, owned
+from checkpoint_tools.source_base import CheckpointError, Source, owned
 from checkpoint_tools.tp_layout import check_kv_layout, expected_hf_shapes, unshard_to_hf
 
 _LAYER_PREFIX = re.compile(r"^model\.layers\.\d+\.")

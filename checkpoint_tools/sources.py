@@ -19,7 +19,6 @@ handles (the converter calls it between layers to bound memory).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,13 +26,19 @@ from safetensors import safe_open
 
 from checkpoint_tools.atomic_io import read_json
 from checkpoint_tools.llama_config import LlamaConfig
+from checkpoint_tools.nxd_source import is_nxd_checkpoint, open_nxd_source
+from checkpoint_tools.source_base import (  # re-exported: the names importers know this module by
+    CheckpointError,
+    Source,
+    hf_to_meta_rope_rows,
+    meta_to_hf_rope_rows,
+    owned,
+)
+
+__all__ = ["CheckpointError", "Source", "hf_to_meta_rope_rows", "meta_to_hf_rope_rows", "open_source", "owned"]
 
 # Buffers some HF checkpoints carry that are recomputed at load time.
 _IGNORED_HF_KEYS = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint on disk is missing, unreadable or not what the config says."""
 
 
 def _load_json(path: Path) -> dict:
@@ -50,39 +55,6 @@ def _torch_load_mmap(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: file not found") from None
     except Exception as err:
         raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({type(err).__name__}: {err})") from None
-
-
-@dataclass
-class Source:
-    """Common interface: HF-named keys with full shapes and dtypes, sliced reads."""
-
-    path: Path
-    format: str
-    config: LlamaConfig
-    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    dtypes: dict[str, torch.dtype] = field(default_factory=dict)
-
-    def read(self, key: str, dim: int | None = None, start: int = 0, length: int | None = None) -> torch.Tensor:
-        raise NotImplementedError
-
-    def release(self) -> None:
-        """Drop cached handles so mapped file pages stop counting against this process."""
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype of the weight matrices (norms are sometimes stored in fp32)."""
-        return self.dtypes.get("model.embed_tokens.weight", torch.float32)
-
-
-def owned(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` itself if it owns exactly its storage and is contiguous, else a compact copy.
-
-    Slices from safetensors and mmap-loaded files are views over the whole mapped tensor;
-    keeping them would keep the mapping alive, and ``torch.save`` would write all of it.
-    """
-    if tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
-        return tensor
-    return tensor.clone(memory_format=torch.contiguous_format)
 
 
 def _narrow(tensor: torch.Tensor, dim: int | None, start: int, length: int | None) -> torch.Tensor:
@@ -184,18 +156,6 @@ def meta_key_to_hf(key: str) -> str | None:
     if match and match.group(2) in _META_LAYER_TO_HF:
         return f"model.layers.{match.group(1)}.{_META_LAYER_TO_HF[match.group(2)]}"
     raise KeyError(key)
-
-
-def meta_to_hf_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta's interleaved (re, im) rows per head -> HF's rotate-half order (whole heads only)."""
-    rows, cols = weight.shape
-    return weight.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def hf_to_meta_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Inverse of ``meta_to_hf_rope_rows``."""
-    rows, cols = weight.shape
-    return weight.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
 def meta_intermediate_size(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
@@ -357,8 +317,6 @@ def open_source(path: str | Path, config: LlamaConfig | None = None) -> Source:
         return _gguf_source(path, config)
     if path.is_file():
         path = path.parent
-    from checkpoint_tools.nxd_source import is_nxd_checkpoint, open_nxd_source  # it builds on this module
-
     if is_nxd_checkpoint(path):
         if config is not None:
             raise CheckpointError(f"{path}: an NxD checkpoint carries its config in its manifest; --config does not apply")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from nxd_lora.cli_args import parse_args
+
 
 def _demo(args: argparse.Namespace) -> int:
     from nxd_lora.demo import run_demo
@@ -214,22 +216,6 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--verify", action="store_true", help="recompute sizes and sha256 against the manifest")
     inspect.set_defaults(func=_inspect)
     return parser
-
-
-def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """argparse, with ``section.key=value`` overrides allowed on both sides of options.
-
-    A ``nargs="*"`` positional only takes the run of values before the first option, so
-    ``plan cfg a=1 --device h100 b=2`` would reject ``b=2``; such leftovers join the overrides.
-    """
-    args, leftover = parser.parse_known_args(argv)
-    late = [item for item in leftover if "=" in item and not item.startswith("-")]
-    unknown = [item for item in leftover if item not in late]
-    if unknown or (late and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(unknown or late)}")
-    if late:
-        args.overrides = list(args.overrides or []) + late
-    return args
 
 
 def main(argv: list[str] | None = None) -> int:

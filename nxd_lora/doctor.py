@@ -38,6 +38,7 @@ PINS: dict[str, tuple[str, tuple[str, ...]]] = {
     "libneuronxla": ("2.2", ("neuron",)),
     "lightning": ("2", ("cpu", "cuda", "neuron", "xla")),
 }
+MIN_TORCH = "2.9"  # the cpu and cuda backends: PyTorch 2.9 (SDK 2.28's) through 2.14 (TorchNeuron's) are tested
 REPORTED_ONLY = ("transformers", "peft", "safetensors", "boto3")
 NEURON_PYTHONS = ("3.10", "3.11", "3.12")
 
@@ -70,6 +71,14 @@ def installed_version(distribution: str) -> str | None:
 def version_matches(version: str, prefix: str) -> bool:
     """``2.9.0+cpu`` matches ``2.9``; ``2.10.0`` does not."""
     return version == prefix or version.startswith(prefix + ".") or version.startswith(prefix + "+")
+
+
+def at_least(version: str, minimum: str) -> bool:
+    """``2.14.1+cpu`` is at least ``2.9``; ``2.8.0`` is not (numeric, release part only)."""
+    def numbers(text: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in text.split("+")[0].split(".")[:2] if part.isdigit())
+
+    return numbers(version) >= numbers(minimum)
 
 
 def neuron_sdk_from_torch_neuronx(version: str | None) -> str | None:
@@ -137,8 +146,11 @@ def examine(backend: str) -> tuple[list[Finding], dict[str, str]]:
         version = installed_version(component)
         if version is None and not relevant:
             continue
-        ok = version is not None and version_matches(version, prefix)
-        findings.append(Finding(component, version or "not installed", f"{prefix}.x", ok, backend in fatal_for))
+        if component == "torch" and backend not in fatal_for:  # eager backends: any PyTorch from 2.9
+            ok, expected = version is not None and at_least(version, MIN_TORCH), f">= {MIN_TORCH}"
+        else:
+            ok, expected = version is not None and version_matches(version, prefix), f"{prefix}.x"
+        findings.append(Finding(component, version or "not installed", expected, ok, backend in fatal_for))
     for component in REPORTED_ONLY:
         version = installed_version(component)
         findings.append(Finding(component, version or "not installed", "", True, False))

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nxd_lora.cli import parse_args
+    from nxd_lora.cli_args import parse_args
     from nxd_lora.sagemaker.submit import SubmitError
 
     parser = argparse.ArgumentParser(prog="launch/sagemaker.py", description="nxd-lora training jobs on SageMaker")

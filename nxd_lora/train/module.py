@@ -119,13 +119,14 @@ def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
 
 
 class LoraModule(L.LightningModule):
-    def __init__(self, model: nn.Module, train: TrainConfig, start_step: int = 0, on_step_end=None,
+    """One optimizer step per batch; returns the step's (device) results for the callbacks to read."""
+
+    def __init__(self, model: nn.Module, train: TrainConfig, start_step: int = 0,
                  resume_states: tuple[dict, dict] | None = None, sync=None):
         super().__init__()
         self.model, self.train_cfg, self.step_count = model, train, start_step
         self.automatic_optimization = False
-        self.on_step_end, self.resume_states, self.sync = on_step_end, resume_states, sync
-        self.history: list[float] = []
+        self.resume_states, self.sync = resume_states, sync
         self.step_ends: list[float] = []  # wall clock at the end of each step (benchmarks' time per step)
 
     def on_train_start(self) -> None:
@@ -140,7 +141,7 @@ class LoraModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.train_cfg))
         return [optimizer], [scheduler]
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict:
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         parallel_state = self.model.parallel_state
         tokens = loss_tokens(batch, parallel_state)
@@ -149,7 +150,7 @@ class LoraModule(L.LightningModule):
         for tensor in [loss_sum] + [param.grad for param in lora_parameters(self.model)]:
             all_reduce_data_parallel(tensor, parallel_state)
         grad_norm = clip_gradients(self.model, self.train_cfg.grad_clip)
-        mean_loss = loss_sum / tokens
+        mean_loss = loss_sum / tokens  # before the sync: part of the step's graph, not a graph of its own
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -157,23 +158,6 @@ class LoraModule(L.LightningModule):
         self.step_count += 1
         if self.sync is not None:
             self.sync()  # lazy devices: run the whole step as one graph before anything is read back
-        log_now = self.step_count % max(1, self.train_cfg.log_every) == 0
-        save_now = bool(self.train_cfg.save_every) and self.step_count % self.train_cfg.save_every == 0
-        if log_now or save_now:  # host reads only at logging and saving steps
-            value = mean_loss.item()
-            if not math.isfinite(value):  # raised before this step's save: the last good checkpoint stays
-                raise NonFiniteLoss(f"loss is {value} at step {self.step_count}; stopping (last good checkpoint kept)")
-            self.history.append(value)
-        if log_now:
-            metrics = {"train/loss": value, "train/grad_norm": grad_norm.item(), "train/tokens": tokens.item(),
-                       "lr": lr}
-            for logger in self.loggers:
-                logger.log_metrics(metrics, step=self.step_count)
-            if grad_norm.device.type != "xla":
-                # Lightning keeps logged values as device tensors and reads them back at every later
-                # step; on a lazy device that is a host transfer per metric per step, so the
-                # progress bar only shows them on eager devices.
-                self.log_dict(metrics, prog_bar=True, logger=False, on_step=True)
-        if self.on_step_end is not None:
-            self.on_step_end(self)
         self.step_ends.append(time.perf_counter())
+        # Not under the key "loss", which Lightning would detach (one more op, on a lazy device).
+        return {"mean_loss": mean_loss, "grad_norm": grad_norm, "tokens": tokens, "lr": lr}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -15,7 +14,6 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from checkpoint_tools.atomic_io import load_tensors
-from checkpoint_tools.export import export_peft
 from checkpoint_tools.diskspace import require_free_space
 from checkpoint_tools.nxd_format import (
     BASE_TAG,
@@ -28,12 +26,20 @@ from checkpoint_tools.nxd_format import (
 from checkpoint_tools.staging import sweep_stale
 from checkpoint_tools.tp_layout import check_layout_matches
 from nxd_lora.backends import get_backend
-from nxd_lora.checkpointing import SAVE_MODES, planned_save_bytes, save_lora_checkpoint
+from nxd_lora.checkpointing import SAVE_MODES, planned_save_bytes
 from nxd_lora.doctor import check_stack, neuron_platform
 from nxd_lora.lora.model import describe_trainable, load_lora_state_dict
 from nxd_lora.model.builder import build_model
 from nxd_lora.plan import check_job
 from nxd_lora.tokenizer import load_tokenizer
+from nxd_lora.train.callbacks import (
+    FinalEvaluation,
+    FinalSaves,
+    LossWatch,
+    PeriodicCheckpoint,
+    PeriodicValidation,
+    TagWriter,
+)
 from nxd_lora.train.config import Recipe
 from nxd_lora.train.data import StepBatches, build_rows
 from nxd_lora.train.module import LoraModule
@@ -60,25 +66,6 @@ def load_verified(tag_dir: Path, tp_rank: int, manifest: dict) -> dict[str, torc
     path = rank_path(tag_dir, tp_rank)
     require_verified(tag_dir, manifest, [str(path.relative_to(tag_dir))])
     return load_tensors(path)
-
-
-@torch.no_grad()
-def evaluate(model, rows: list[dict[str, torch.Tensor]], device) -> dict[str, float]:
-    """Token-weighted mean loss and perplexity over ``rows`` (one row at a time)."""
-    if not rows:
-        return {}
-    was_training = model.training
-    model.eval()
-    total, tokens = 0.0, 0
-    for row in rows:
-        batch = {k: v[None].to(device) for k, v in row.items()}
-        _, loss = model(batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"],
-                        document_ids=batch["document_ids"], reduction="sum", return_logits=False)
-        total += loss.item()
-        tokens += int((row["labels"][1:] != -100).sum())
-    model.train(was_training)
-    mean = total / max(tokens, 1)
-    return {"val/loss": mean, "val/perplexity": math.exp(min(mean, 50.0))}
 
 
 PRECOMPILE_STEPS = 3  # under neuron_parallel_compile: enough to trace warm-up and steady-state graphs
@@ -113,128 +100,120 @@ def train(recipe: Recipe) -> dict:
     """Run one training job on this rank (under torchrun, every rank calls it). Returns a summary."""
     cfg = recipe.train
     base_tag, manifest = check_before_start(recipe)
-    config = manifest_config(manifest, base_tag)
-    out = Path(cfg.output_dir)
     precompile = precompiling()
     backend = get_backend(cfg.backend)
     backend.setup(cfg.tp, manifest["kv_size_multiplier"], manifest["kv_layout"])
+
+    def say(message: str) -> None:
+        _say(backend, message)
+
     try:
         L.seed_everything(cfg.seed, workers=False, verbose=False)
-        tok = load_tokenizer(recipe.model.tokenizer or recipe.model.checkpoint)
-        if tok.vocab_size > config.vocab_size:
-            raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {config.vocab_size}")
-        rows = build_rows(recipe.data, tok, cfg.seed)
-        _say(backend, f"data: {json.dumps(rows.report)}")
-        dtype = getattr(torch, recipe.model.dtype)
-        base = load_verified(base_tag, backend.tp_rank, manifest)
-        model = build_model(config, backend, base, recipe.lora, fuse_qkv=manifest["fuse_qkv"], dtype=dtype,
-                            seed=cfg.seed)
-        model.set_activation_checkpointing(cfg.activation_checkpointing)
-        del base
-        _say(backend, f"backend={backend.name} world={backend.world_size} tp={cfg.tp} "
-                      f"kv_size_multiplier={model.kv_size_multiplier}; {describe_trainable(model)}")
+        config = manifest_config(manifest, base_tag)
+        tok, rows = load_data(recipe, config)
+        say(f"data: {json.dumps(rows.report)}")
+        model = load_model(recipe, backend, base_tag, manifest)
+        say(f"backend={backend.name} world={backend.world_size} tp={cfg.tp} "
+            f"kv_size_multiplier={model.kv_size_multiplier}; {describe_trainable(model)}")
+        prepare_output(recipe, backend, model, precompile, say)
+        start_step, resume_states = resume(recipe, backend, model, manifest, say)
 
-        checkpoints = out / "checkpoints"
-        if backend.rank == 0:
-            for directory in (checkpoints, out / "final"):
-                sweep_stale(directory, lambda message: _say(backend, message))
-        if not precompile:
-            periodic = cfg.max_steps // cfg.save_every if cfg.save_every else 0
-            require_free_space(out, planned_save_bytes(model, cfg.tp, cfg.save_modes, periodic),
-                               f"this run's {periodic} checkpoint(s) and final saves {cfg.save_modes}")
-        start_step, resume_tag = 0, None
-        if cfg.resume == "auto":
-            resume_tag = newest_training_tag(checkpoints)
-        elif cfg.resume not in ("none", ""):
-            resume_tag = Path(cfg.resume)
-        optimizer_state = scheduler_state = None
-        if resume_tag is not None:
-            resumed = check_manifest(resume_tag, tp=cfg.tp, kind="lora", kv_layout=manifest["kv_layout"])
-            if resumed["lora"] != json.loads(json.dumps(recipe.to_dict()["lora"])):
-                raise ValueError(f"{resume_tag}: LoRA settings differ from this recipe's: {resumed['lora']}")
-            load_lora_state_dict(model, load_verified(resume_tag, backend.tp_rank, resumed), str(resume_tag))
-            optim = Path("optim") / rank_path(resume_tag, backend.tp_rank).name
-            if str(optim) in resumed["files"]:  # listed since the manifest covers optimizer files
-                require_verified(resume_tag, resumed, [str(optim)])
-            optimizer_state = load_tensors(resume_tag / optim)
-            scheduler_state = load_tensors(resume_tag / "scheduler.pt")
-            user = load_tensors(resume_tag / "user_content.pt")
-            start_step = int(user["step"])
-            torch.set_rng_state(user["torch_rng"])
-            _say(backend, f"resumed from {resume_tag} at step {start_step}")
+        writer = TagWriter(backend, recipe, say)
+        watch = LossWatch(cfg.log_every, cfg.save_every)
+        final = FinalEvaluation(rows, recipe, tok, backend.device, rouge=cfg.rouge and not precompile)
+        saves = FinalSaves(writer, cfg.save_modes)
+        writes = not precompile  # under neuron_parallel_compile every tensor is zeros: nothing is saved
+        callbacks = [watch, *([PeriodicCheckpoint(writer, cfg.save_every)] if writes else []),
+                     PeriodicValidation(rows.val, cfg.val_every, backend.device), final, *([saves] if writes else [])]
+        steps = max(cfg.max_steps - start_step, 0)
+        if precompile:
+            steps = min(steps, PRECOMPILE_STEPS)
+            say(f"neuron_parallel_compile: collecting graphs over {steps} steps; nothing is saved")
 
-        def save(module: LoraModule, tag: str, mode: str, resumable: bool) -> Path:
-            optimizer = module.optimizers().optimizer if resumable else None
-            scheduler = module.lr_schedulers() if resumable else None
-            root = checkpoints if resumable else out / "final"
-            return save_lora_checkpoint(
-                module.model, backend, root, tag, mode, recipe.lora,
-                extra={"recipe": recipe.to_dict()},
-                optimizer=optimizer.state_dict() if optimizer else None,
-                scheduler=scheduler.state_dict() if scheduler else None,
-                user_content={"step": module.step_count, "torch_rng": torch.get_rng_state()} if resumable else None,
-                log=lambda message: _say(backend, message),
-            )
-
-        def on_step_end(module: LoraModule) -> None:
-            if cfg.save_every and module.step_count % cfg.save_every == 0 and not precompile:
-                save(module, f"step_{module.step_count}", "adapter", resumable=True)
-            if cfg.val_every and module.step_count % cfg.val_every == 0:
-                metrics = evaluate(module.model, rows.val, backend.device)
-                for logger in module.loggers:
-                    logger.log_metrics(metrics, step=module.step_count)
-
-        module = LoraModule(model, cfg, start_step, on_step_end,
-                            (optimizer_state, scheduler_state) if optimizer_state is not None else None,
-                            sync=backend.step_end)
-        loggers = []
-        if backend.rank == 0:
-            loggers += [CSVLogger(out, name="logs")] if "csv" in cfg.loggers else []
-            loggers += [TensorBoardLogger(out, name="tensorboard")] if "tensorboard" in cfg.loggers else []
+        module = LoraModule(model, cfg, start_step, resume_states, sync=backend.step_end)
         parallel_state = model.parallel_state
-        batches = StepBatches(rows.train, cfg.micro_batch_size * cfg.grad_accum,
-                              parallel_state.get_data_parallel_size(), parallel_state.get_data_parallel_rank(),
-                              cfg.seed, start_step, cfg.max_steps)
-        steps_this_run = max(cfg.max_steps - start_step, 0)
-        if precompile:
-            steps_this_run = min(steps_this_run, PRECOMPILE_STEPS)
-            _say(backend, f"neuron_parallel_compile: collecting graphs over {steps_this_run} steps; nothing is saved")
-        accelerator = {"cpu": "cpu", "cuda": "gpu"}.get(backend.device.type) or _AnyDeviceAccelerator()
-        trainer = L.Trainer(
-            accelerator=accelerator, devices=1, strategy=_StayOnDeviceStrategy(backend.device),
-            max_steps=steps_this_run,
-            logger=loggers or False, enable_progress_bar=backend.rank == 0 and os.environ.get("NXD_LORA_NO_BAR") != "1",
-            enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
-            log_every_n_steps=max(1, cfg.log_every),
-        )
-        trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
-        metrics = evaluate(model, rows.val, backend.device)
+        batches = StepBatches(rows.train, cfg.micro_batch_size * cfg.grad_accum, parallel_state.get_data_parallel_size(),
+                              parallel_state.get_data_parallel_rank(), cfg.seed, start_step, cfg.max_steps)
+        trainer(recipe, backend, steps, callbacks).fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
 
-        def summary(saved: dict) -> dict:
-            ends = module.step_ends
-            return {"losses": module.history, "val": metrics, "saved": saved, "steps": module.step_count,
-                    "step_seconds": [b - a for a, b in zip(ends, ends[1:])],
-                    "data": rows.report, "step_stats": getattr(backend, "step_stats", [])}
-
-        if precompile:
-            return summary({})
-        if cfg.rouge and rows.val_examples:
-            from nxd_lora.train.rouge import rouge_on_examples
-
-            metrics.update(rouge_on_examples(model, rows.val_examples, tok, backend.device, cfg.rouge_max_new_tokens))
-        for logger in loggers:
-            logger.log_metrics(metrics, step=module.step_count)
-            logger.save()
-        saved = {mode: str(save(module, mode.replace("+", "_"), mode, resumable=False)) for mode in cfg.save_modes}
-        peft_mode = next((m for m in ("adapter", "base+adapter") if m in saved), None)
-        if peft_mode and backend.rank == 0:  # the ecosystem copy: loads in PEFT, transformers, vLLM
-            export_peft(saved[peft_mode], out / "final" / "peft", base_model=recipe.model.checkpoint, overwrite=True,
-                        log=lambda message: _say(backend, message))
-            saved["peft"] = str(out / "final" / "peft")
-        _say(backend, f"done at step {module.step_count}; {json.dumps(metrics)}; saved {saved}")
-        return summary(saved)
+        if not precompile:
+            say(f"done at step {module.step_count}; {json.dumps(final.metrics)}; saved {saves.saved}")
+        ends = module.step_ends
+        return {"losses": watch.history, "val": final.metrics, "saved": saves.saved, "steps": module.step_count,
+                "step_seconds": [b - a for a, b in zip(ends, ends[1:])], "data": rows.report,
+                "step_stats": getattr(backend, "step_stats", [])}
     finally:
         backend.teardown()
+
+
+def load_data(recipe: Recipe, config) -> tuple:
+    """(tokenizer, rows): the recipe's data rendered, packed and split."""
+    tok = load_tokenizer(recipe.model.tokenizer or recipe.model.checkpoint)
+    if tok.vocab_size > config.vocab_size:
+        raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {config.vocab_size}")
+    return tok, build_rows(recipe.data, tok, recipe.train.seed)
+
+
+def load_model(recipe: Recipe, backend, base_tag: Path, manifest: dict):
+    """This rank's model: the base rank file (sha256-checked) with LoRA applied."""
+    base = load_verified(base_tag, backend.tp_rank, manifest)
+    model = build_model(manifest_config(manifest, base_tag), backend, base, recipe.lora, fuse_qkv=manifest["fuse_qkv"],
+                        dtype=getattr(torch, recipe.model.dtype), seed=recipe.train.seed)
+    model.set_activation_checkpointing(recipe.train.activation_checkpointing)
+    return model
+
+
+def prepare_output(recipe: Recipe, backend, model, precompile: bool, say) -> None:
+    """Remove crash litter of earlier runs; refuse a run whose checkpoints and saves cannot fit the disk."""
+    cfg, out = recipe.train, Path(recipe.train.output_dir)
+    if backend.rank == 0:
+        for directory in (out / "checkpoints", out / "final"):
+            sweep_stale(directory, say)
+    if not precompile:
+        periodic = cfg.max_steps // cfg.save_every if cfg.save_every else 0
+        require_free_space(out, planned_save_bytes(model, cfg.tp, cfg.save_modes, periodic),
+                           f"this run's {periodic} checkpoint(s) and final saves {cfg.save_modes}")
+
+
+def resume(recipe: Recipe, backend, model, manifest: dict, say) -> tuple[int, tuple[dict, dict] | None]:
+    """(start step, (optimizer, scheduler) states) from ``train.resume``: 'auto' (the newest complete
+    resumable tag under ``<output_dir>/checkpoints``), a tag directory, or none. Loads the adapter
+    into ``model`` and restores the RNG."""
+    cfg = recipe.train
+    if cfg.resume == "auto":
+        tag = newest_training_tag(Path(cfg.output_dir) / "checkpoints")
+    else:
+        tag = Path(cfg.resume) if cfg.resume not in ("none", "") else None
+    if tag is None:
+        return 0, None
+    resumed = check_manifest(tag, tp=cfg.tp, kind="lora", kv_layout=manifest["kv_layout"])
+    if resumed["lora"] != json.loads(json.dumps(recipe.to_dict()["lora"])):
+        raise ValueError(f"{tag}: LoRA settings differ from this recipe's: {resumed['lora']}")
+    load_lora_state_dict(model, load_verified(tag, backend.tp_rank, resumed), str(tag))
+    optim = Path("optim") / rank_path(tag, backend.tp_rank).name
+    if str(optim) in resumed["files"]:  # listed since the manifest covers optimizer files
+        require_verified(tag, resumed, [str(optim)])
+    user = load_tensors(tag / "user_content.pt")
+    torch.set_rng_state(user["torch_rng"])
+    say(f"resumed from {tag} at step {int(user['step'])}")
+    return int(user["step"]), (load_tensors(tag / optim), load_tensors(tag / "scheduler.pt"))
+
+
+def trainer(recipe: Recipe, backend, steps: int, callbacks: list) -> L.Trainer:
+    """Lightning's loop on this rank's device, with this run's loggers (rank 0) and callbacks."""
+    cfg, out = recipe.train, Path(recipe.train.output_dir)
+    loggers = []
+    if backend.rank == 0:
+        loggers += [CSVLogger(out, name="logs")] if "csv" in cfg.loggers else []
+        loggers += [TensorBoardLogger(out, name="tensorboard")] if "tensorboard" in cfg.loggers else []
+    accelerator = {"cpu": "cpu", "cuda": "gpu"}.get(backend.device.type) or _AnyDeviceAccelerator()
+    return L.Trainer(
+        accelerator=accelerator, devices=1, strategy=_StayOnDeviceStrategy(backend.device), max_steps=steps,
+        logger=loggers or False, callbacks=callbacks,
+        enable_progress_bar=backend.rank == 0 and os.environ.get("NXD_LORA_NO_BAR") != "1",
+        enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+        log_every_n_steps=max(1, cfg.log_every),
+    )
 
 
 class _StayOnDeviceStrategy(SingleDeviceStrategy):
