@@ -112,8 +112,8 @@ class NeuronBackend(XlaBackend):
         the checkpoint's ``kv_layout`` must be this platform's, or K/V gradients would be summed
         across ranks that hold different heads; that is refused here.
         """
-        check_layout_matches(kv_layout, neuron_platform(), tp_size, kv_size_multiplier,
-                             f"the checkpoint (on this {neuron_platform()} host)")
+        platform = neuron_platform()  # runs neuron-ls: once
+        check_layout_matches(kv_layout, platform, tp_size, kv_size_multiplier, f"the checkpoint (on this {platform} host)")
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world % tp_size:
             raise ValueError(f"tp={tp_size} does not divide the world size {world} (WORLD_SIZE from the launcher)")
