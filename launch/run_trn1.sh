@@ -10,6 +10,10 @@
 #   --target trn1|trn2     compiler target, plan device and the NxD checkpoint layout the job needs
 #                          (default: trn2 when neuron-ls reports a logical NeuronCore config, else trn1);
 #                          a checkpoint or recipe (model.kv_layout) for the other layout is refused
+#   --backend neuron|torchneuron
+#                          the stack to train with (default: neuron on trn1; on trn2 the one installed, as
+#                          `nxd-lora doctor` recommends: torchneuron with TorchNeuron's torch-neuronx 2.13/2.14,
+#                          neuron with SDK 2.28's); passed as train.backend (an override of yours wins)
 #   --cache DIR|s3://URL   Neuron compile cache (default: $NEURON_COMPILE_CACHE_URL, else
 #                          ~/.cache/neuron-compile-cache); an s3:// cache is shared by every node and job
 #   --precompile           first run the identical command under neuron_parallel_compile, which
@@ -29,7 +33,7 @@ set -euo pipefail
 die() { echo "run_trn1.sh: error: $*" >&2; exit 2; }
 
 PYTHON=${PYTHON:-python3}
-CONFIG="" NODES="" CORES="" TARGET="" CACHE="" PRECOMPILE=0 TRAIN=1 PORT=44000 DRY=0
+CONFIG="" NODES="" CORES="" TARGET="" BACKEND="" CACHE="" PRECOMPILE=0 TRAIN=1 PORT=44000 DRY=0
 OVERRIDES=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -37,6 +41,7 @@ while [ $# -gt 0 ]; do
     --nodes) NODES=${2:?--nodes needs a number}; shift 2 ;;
     --cores-per-node) CORES=${2:?--cores-per-node needs a number}; shift 2 ;;
     --target) TARGET=${2:?--target needs trn1 or trn2}; shift 2 ;;
+    --backend) BACKEND=${2:?--backend needs neuron or torchneuron}; shift 2 ;;
     --cache) CACHE=${2:?--cache needs a directory or s3:// URL}; shift 2 ;;
     --precompile) PRECOMPILE=1; shift ;;
     --precompile-only) PRECOMPILE=1; TRAIN=0; shift ;;
@@ -69,6 +74,20 @@ if [ -z "$TARGET" ]; then
   if [ -n "$(neuron_ls_field logical_neuroncore_config)" ]; then TARGET=trn2; else TARGET=trn1; fi
 fi
 case "$TARGET" in trn1|trn2) ;; *) die "--target must be trn1 or trn2 (got '$TARGET')" ;; esac
+if [ -z "$BACKEND" ]; then
+  if [ "$TARGET" = trn1 ]; then BACKEND=neuron; else
+    BACKEND=$("$PYTHON" -c "from nxd_lora.doctor import default_backend; print(default_backend())" 2>/dev/null || echo neuron)
+    case "$BACKEND" in neuron|torchneuron) ;; *) BACKEND=torchneuron ;; esac
+  fi
+fi
+case "$BACKEND" in
+  neuron) ;;
+  torchneuron)
+    [ "$TARGET" = trn2 ] || die "--backend torchneuron runs on trn2/trn3 (TorchNeuron has no trn1 support); trn1 trains with --backend neuron"
+    [ "$PRECOMPILE" = 0 ] || die "--precompile is neuron_parallel_compile, XLA's; torchneuron compiles its graphs itself (train.compile=true)" ;;
+  *) die "--backend must be neuron or torchneuron (got '$BACKEND')" ;;
+esac
+OVERRIDES=("train.backend=$BACKEND" "${OVERRIDES[@]}")
 
 if [ -n "${SLURM_JOB_NODELIST:-}" ]; then
   NODES=${NODES:-${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}}
@@ -117,7 +136,7 @@ run() {
 if [ "$DRY" = 1 ]; then
   env | grep -E '^(NEURON_|FI_|MALLOC_ARENA_MAX=)' | sort
 fi
-echo "run_trn1.sh: $NODES node(s) x $CORES NeuronCores ($TARGET), this node rank ${NODE_RANK}, cache $CACHE" >&2
+echo "run_trn1.sh: $NODES node(s) x $CORES NeuronCores ($TARGET, backend $BACKEND), this node rank ${NODE_RANK}, cache $CACHE" >&2
 if [ "$PRECOMPILE" = 1 ]; then
   run neuron_parallel_compile "${LAUNCH[@]}"
 fi

@@ -99,19 +99,29 @@ def _plan(args: argparse.Namespace) -> int:
         check_parallel_layout,
         check_plan_fits,
         device_for_backend,
+        device_of_instance,
         plan_recipe,
         recipe_model_config,
     )
+    from nxd_lora.instances import instance
     from nxd_lora.train.config import load_recipe
 
     recipe = load_recipe(args.config, args.overrides)
     source = args.config or "defaults"
     config, where = recipe_model_config(recipe)
-    if args.world_size:
-        dp = check_parallel_layout(recipe.train, args.world_size, source)
-        print(f"layout: world size {args.world_size} = tp {recipe.train.tp} x dp {dp}")
-    plan = plan_recipe(recipe, args.device)
-    device = args.device or (device_for_backend("neuron") if recipe.train.backend == "neuron" else None)
+    device, world_size = args.device, args.world_size
+    if args.instance_type:
+        host = instance(args.instance_type)
+        device = device_of_instance(host, args.lnc)
+        world_size = world_size or host.cores(args.lnc) * args.nodes
+        print(f"instance: {args.nodes} x {host.name} ({host.platform}, {host.cores(args.lnc)} NeuronCores of "
+              f"{host.core_memory_gib(args.lnc):g} GiB at LNC={host.lnc(args.lnc)}; backends {' or '.join(host.backends)})")
+    if world_size:
+        dp = check_parallel_layout(recipe.train, world_size, source)
+        print(f"layout: world size {world_size} = tp {recipe.train.tp} x dp {dp}")
+    plan = plan_recipe(recipe, device)
+    device = device or (device_for_backend(recipe.train.backend)
+                        if recipe.train.backend in ("neuron", "torchneuron") else None)
     layout = check_layout_for_device(recipe, config, device, source) if device else None
     if layout:
         print(f"checkpoint layout: {layout} (KV heads {config.num_key_value_heads}, tp {recipe.train.tp})")
@@ -192,16 +202,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     doctor = sub.add_parser("doctor", help="the software stack, NeuronCores and host memory; names every mismatch "
                                            "with the stack nxd-lora needs (Neuron SDK 2.28, PyTorch 2.9)")
-    doctor.add_argument("--backend", choices=["cpu", "cuda", "neuron", "xla"],
-                        help="backend to check for (default: neuron where Neuron is installed, else cuda/cpu)")
+    doctor.add_argument("--backend", choices=["cpu", "cuda", "neuron", "torchneuron", "xla"],
+                        help="backend to check for (default: the host's Neuron stack, torchneuron or neuron, "
+                             "else cuda/cpu)")
     doctor.add_argument("--json", action="store_true", help="findings as JSON")
     doctor.set_defaults(func=_doctor)
 
     plan = sub.add_parser("plan", help="device memory per NeuronCore/GPU for a recipe; refuses one that cannot fit")
     plan.add_argument("config", help="YAML recipe (configs/*.yaml)")
     plan.add_argument("overrides", nargs="*", help="section.key=value, as for train")
-    plan.add_argument("--device", choices=["trn1", "trn2", "h100", "h200"],
-                      help="memory per rank of this device (default: trn1 for neuron recipes)")
+    plan.add_argument("--device", choices=["trn1", "trn2", "trn2-lnc1", "h100", "h200"],
+                      help="memory per rank of this device (default: trn1 for neuron recipes, trn2 for torchneuron)")
+    plan.add_argument("--instance-type", help="a Trainium instance type (trn1.32xlarge, trn2.48xlarge, ...): its "
+                                              "memory per NeuronCore, and its cores x --nodes as the world size")
+    plan.add_argument("--lnc", type=int, choices=[1, 2], help="trn2's logical NeuronCore config (default 2)")
+    plan.add_argument("--nodes", type=int, default=1, help="instances, with --instance-type (default 1)")
     plan.add_argument("--world-size", type=int, help="also check train.tp x train.dp against this many ranks")
     plan.set_defaults(func=_plan)
 

@@ -8,6 +8,10 @@ component, the version found and the one needed. ``nxd-lora train`` runs the sam
 for its backend before doing any work: a mismatch the backend cannot run with is an error,
 anything else a warning.
 
+TorchNeuron (backend ``torchneuron``, SDK >= 2.33, trn2/trn3) is the other stack: PyTorch 2.13 or
+2.14 with the torch-neuronx of the same family. The doctor tells which stack a host has and which
+backend fits it (``recommend``), from the instance type (``nxd_lora.instances``) and the packages.
+
 Versions are read from installed distribution metadata, never by importing the packages
 (importing torch_neuronx starts the Neuron runtime).
 """
@@ -24,7 +28,10 @@ from glob import glob
 from importlib import metadata
 from pathlib import Path
 
+from nxd_lora import instances
+
 NEURON_SDK = "2.28"
+TORCHNEURON_SDK = "2.33"  # the first SDK with TorchNeuron (public beta, trn2/trn3)
 # torch-neuronx versions are <torch>.<neuron build series>.<build>; the series names the SDK.
 TORCH_NEURONX_SERIES_TO_SDK = {"2.9.0.2.12": "2.28", "2.9.0.2.13": "2.29", "2.9.0.2.11": "2.27"}
 
@@ -36,8 +43,11 @@ PINS: dict[str, tuple[str, tuple[str, ...]]] = {
     "neuronx-distributed": ("0.17", ("neuron",)),
     "neuronx-cc": ("2.23", ("neuron",)),
     "libneuronxla": ("2.2", ("neuron",)),
-    "lightning": ("2", ("cpu", "cuda", "neuron", "xla")),
+    "lightning": ("2", ("cpu", "cuda", "neuron", "torchneuron", "xla")),
 }
+# TorchNeuron: torch 2.13 or 2.14, and torch-neuronx of the same <major>.<minor> family.
+TORCHNEURON_TORCH = ("2.13", "2.14")
+TORCHNEURON_PYTHONS = ("3.12", "3.13", "3.14")
 MIN_TORCH = "2.9"  # the cpu and cuda backends: PyTorch 2.9 (SDK 2.28's) through 2.14 (TorchNeuron's) are tested
 REPORTED_ONLY = ("transformers", "peft", "safetensors", "boto3")
 NEURON_PYTHONS = ("3.10", "3.11", "3.12")
@@ -115,10 +125,27 @@ def neuron_core_count() -> tuple[int, str]:
 
 
 def neuron_platform() -> str:
-    """``trn2`` where neuron-ls reports a logical NeuronCore config (trn2 only), else ``trn1``: the
+    """trn1, trn2 or trn3: the instance type's family where the host names it (DMI), else ``trn2``
+    where neuron-ls reports a logical NeuronCore config (trn2 and later only), else ``trn1``; the
     device whose per-core memory the plan checks against (as launch/run_trn1.sh decides)."""
+    named = instances.this_instance_type()
+    if named:
+        return instances.platform_of_instance_type(named)
     devices, _ = neuron_devices()
     return "trn2" if any(isinstance(d, dict) and "logical_neuroncore_config" in d for d in devices) else "trn1"
+
+
+def torchneuron_findings(python: str) -> list[Finding]:
+    """TorchNeuron's pins: torch 2.13/2.14, torch-neuronx of torch's family, a Python it ships for."""
+    torch_version = installed_version("torch") or "not installed"
+    family = next((f for f in TORCHNEURON_TORCH if version_matches(torch_version, f)), None)
+    neuronx = installed_version("torch-neuronx")
+    return [
+        Finding("torch", torch_version, " or ".join(f"{f}.x" for f in TORCHNEURON_TORCH), family is not None, True),
+        Finding("torch-neuronx", neuronx or "not installed", f"{family or '2.14'}.x (torch's family)",
+                neuronx is not None and family is not None and version_matches(neuronx, family), True),
+        Finding("python", python, " or ".join(TORCHNEURON_PYTHONS), python in TORCHNEURON_PYTHONS, False),
+    ]
 
 
 def default_kv_layout() -> str:
@@ -140,8 +167,11 @@ def host_memory_gib() -> float:
 
 def examine(backend: str) -> tuple[list[Finding], dict[str, str]]:
     """Findings for ``backend`` and facts (python, SDK, cores, RAM) for the report."""
-    findings = []
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    findings = torchneuron_findings(python) if backend == "torchneuron" else []
     for component, (prefix, fatal_for) in PINS.items():
+        if backend == "torchneuron" and component in ("torch", "torch-neuronx"):
+            continue  # TorchNeuron's own pins, above
         relevant = backend in fatal_for or component in ("torch", "lightning")
         version = installed_version(component)
         if version is None and not relevant:
@@ -154,24 +184,60 @@ def examine(backend: str) -> tuple[list[Finding], dict[str, str]]:
     for component in REPORTED_ONLY:
         version = installed_version(component)
         findings.append(Finding(component, version or "not installed", "", True, False))
-    python = f"{sys.version_info.major}.{sys.version_info.minor}"
     cores, how = neuron_core_count()
     if backend == "neuron":
         findings.append(Finding("python", python, " or ".join(NEURON_PYTHONS), python in NEURON_PYTHONS, True))
+    if backend in ("neuron", "torchneuron"):
         findings.append(Finding("NeuronCores", f"{cores} ({how})", "at least 1", cores > 0, True))
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         if cores and local > cores:
             findings.append(Finding("ranks on this node", str(local), f"<= {cores} NeuronCores", False, True))
     sdk = neuron_sdk_from_torch_neuronx(installed_version("torch-neuronx"))
+    if sdk is None and torchneuron_family(installed_version("torch-neuronx")):
+        sdk = f">= {TORCHNEURON_SDK} (TorchNeuron)"
+    platform = neuron_platform() if cores else None
     facts = {"python": python, "neuron sdk": sdk or "none found", "neuron cores": f"{cores} ({how})",
-             "host memory": f"{host_memory_gib():.1f} GiB", "backend checked": backend}
+             "instance": f"{instances.this_instance_type() or 'not named by the host'}"
+                         + (f" ({platform})" if platform else ""),
+             "host memory": f"{host_memory_gib():.1f} GiB", "backend checked": backend,
+             "recommended": recommend(platform)}
     return findings, facts
 
 
+
+def torchneuron_family(version: str | None) -> str | None:
+    """``2.14`` for torch-neuronx 2.14.3 (TorchNeuron); None for SDK 2.28's 2.9.0.2.12.x or nothing."""
+    return next((f for f in TORCHNEURON_TORCH if version and version_matches(version, f)), None)
+
+
+def recommend(platform: str | None) -> str:
+    """Which backend this host should train with, and why, in one line."""
+    neuronx = installed_version("torch-neuronx")
+    if platform is None:
+        return "cuda or cpu (no NeuronCores here)"
+    if platform == "trn1":
+        return f"neuron (trn1 trains with XLA/NxD on Neuron SDK {NEURON_SDK}; TorchNeuron does not support trn1)"
+    if torchneuron_family(neuronx):
+        return f"torchneuron (TorchNeuron torch-neuronx {neuronx} is installed on this {platform} host)"
+    if neuron_sdk_from_torch_neuronx(neuronx):
+        return f"neuron (Neuron SDK {neuron_sdk_from_torch_neuronx(neuronx)} is installed; on {platform} TorchNeuron, " \
+               f"SDK >= {TORCHNEURON_SDK}, is the newer stack: backend torchneuron)"
+    if platform == "trn3":
+        return f"torchneuron (trn3 trains with TorchNeuron, SDK >= {TORCHNEURON_SDK}: pip install 'nxd-lora[torchneuron]')"
+    return f"torchneuron (SDK >= {TORCHNEURON_SDK}) or neuron (SDK {NEURON_SDK}) on {platform}: neither is installed"
+
+
 def default_backend() -> str:
-    """neuron where there are NeuronCores or torch-neuronx; else cuda where torch sees a GPU; else cpu."""
-    if installed_version("torch-neuronx") or neuron_core_count()[0]:
+    """What a host's stack trains with: torchneuron where TorchNeuron's torch-neuronx is installed
+    (or a trn2/trn3 host has none), neuron where SDK 2.28's is (or a trn1 host has none); else cuda
+    where torch sees a GPU; else cpu."""
+    neuronx = installed_version("torch-neuronx")
+    if torchneuron_family(neuronx):
+        return "torchneuron"
+    if neuronx:
         return "neuron"
+    if neuron_core_count()[0]:
+        return "neuron" if neuron_platform() == "trn1" else "torchneuron"
     try:
         import torch
 
@@ -190,9 +256,10 @@ def report(backend: str) -> tuple[str, list[Finding]]:
     else:
         lines.append(f"{len(problems)} mismatch(es) for backend '{backend}': "
                      + "; ".join(f"{f.component} {f.found}, needs {f.expected}" for f in problems))
-        if backend == "neuron":
-            lines.append(f"install Neuron SDK {NEURON_SDK}: pip install --extra-index-url "
-                         "https://pip.repos.neuron.amazonaws.com 'nxd-lora[neuron]'")
+        if backend in ("neuron", "torchneuron"):
+            sdk = NEURON_SDK if backend == "neuron" else f">= {TORCHNEURON_SDK} (TorchNeuron)"
+            lines.append(f"install Neuron SDK {sdk}: pip install --extra-index-url "
+                         f"https://pip.repos.neuron.amazonaws.com 'nxd-lora[{backend}]'")
     return "\n".join(lines), findings
 
 

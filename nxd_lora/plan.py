@@ -24,14 +24,16 @@ from pathlib import Path
 from checkpoint_tools.llama_config import LlamaConfig, check_tensor_parallel
 from checkpoint_tools.nxd_format import BASE_TAG, MANIFEST, manifest_config, read_manifest
 from checkpoint_tools.tp_layout import check_layout_matches
+from nxd_lora.instances import TrainiumInstance, layout_of_platform
 from nxd_lora.lora.config import LoraConfig
 from nxd_lora.model.presets import PRESETS, preset_config
 from nxd_lora.parallel.loss import CHUNK_ELEMENTS
 from nxd_lora.train.config import Recipe, TrainConfig
 
 GIB = 2**30
-# Device memory per rank (one NeuronCore, or a logical core of two with LNC=2 on trn2).
-DEVICE_MEMORY_GIB = {"trn1": 16.0, "trn2": 24.0, "h100": 80.0, "h200": 141.0}
+# Device memory per rank (one NeuronCore; on trn2 a logical core of two at LNC=2, its default, or one
+# physical core at LNC=1). trn3's is not recorded here: its plan is skipped with a note.
+DEVICE_MEMORY_GIB = {"trn1": 16.0, "trn2": 24.0, "trn2-lnc1": 12.0, "h100": 80.0, "h200": 141.0}
 RUNTIME_RESERVE_GIB = 1.5
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -170,7 +172,16 @@ def recipe_model_config(recipe: Recipe) -> tuple[LlamaConfig, str]:
 
 
 def device_for_backend(backend: str) -> str:
-    return {"neuron": "trn1", "cuda": "h100"}.get(backend, "trn1")
+    return {"neuron": "trn1", "torchneuron": "trn2", "cuda": "h100"}.get(backend, "trn1")
+
+
+def device_of_platform(platform: str, lnc: int | None = None) -> str:
+    """The plan's device for a Trainium platform at logical-core config ``lnc`` (trn2: 2 unless 1)."""
+    return "trn2-lnc1" if platform == "trn2" and lnc == 1 else platform
+
+
+def device_of_instance(instance: TrainiumInstance, lnc: int | None = None) -> str:
+    return device_of_platform(instance.platform, instance.lnc(lnc))
 
 
 def plan_recipe(recipe: Recipe, device: str | None = None, config: LlamaConfig | None = None) -> MemoryPlan:
@@ -219,17 +230,19 @@ def check_layout_for_device(recipe: Recipe, config: LlamaConfig, device: str, so
     """On a Trainium ``device``, the KV layout the recipe expects (``model.kv_layout``) and the one its
     converted checkpoint has (when it exists here) must be that device's where it matters (tp > KV
     heads). Returns the layout the job needs, or None off Trainium."""
-    if device not in ("trn1", "trn2"):
+    platform = device.split("-")[0]
+    if platform not in ("trn1", "trn2", "trn3"):
         return None
+    layout = layout_of_platform(platform)
     kvm = check_tensor_parallel(config, recipe.train.tp)
     if recipe.model.kv_layout:
-        check_layout_matches(recipe.model.kv_layout, device, recipe.train.tp, kvm,
-                             f"{source} (model.kv_layout on {device})")
+        check_layout_matches(recipe.model.kv_layout, layout, recipe.train.tp, kvm,
+                             f"{source} (model.kv_layout on {platform})")
     tag = Path(recipe.model.checkpoint) / BASE_TAG if recipe.model.checkpoint else None
     if tag is not None and (tag / MANIFEST).is_file():
-        check_layout_matches(read_manifest(tag).get("kv_layout", "trn1"), device, recipe.train.tp, kvm,
-                             f"{tag} (on {device})")
-    return device
+        check_layout_matches(read_manifest(tag).get("kv_layout", "trn1"), layout, recipe.train.tp, kvm,
+                             f"{tag} (on {platform})")
+    return layout
 
 
 def check_job(recipe: Recipe, config: LlamaConfig, world_size: int, source: str, device: str | None = None) -> int:
@@ -242,5 +255,8 @@ def check_job(recipe: Recipe, config: LlamaConfig, world_size: int, source: str,
     dp = check_parallel_layout(recipe.train, world_size, source)
     if device:
         check_layout_for_device(recipe, config, device, source)
-        check_plan_fits(plan_recipe(recipe, device, config), source)
+        if device in DEVICE_MEMORY_GIB:
+            check_plan_fits(plan_recipe(recipe, device, config), source)
+        else:
+            print(f"[plan] note: no memory per core is recorded for {device}; the memory plan is skipped", flush=True)
     return dp

@@ -68,7 +68,7 @@ def test_one_node_runs_torchrun_over_every_neuroncore(launcher):
     assert proc.returncode == 0, proc.stderr
     assert [c["tool"] for c in calls] == ["torchrun"]
     assert calls[0]["argv"] == ["--nproc-per-node", "32", "--nnodes", "1", "-m", "nxd_lora.cli", "train",
-                                "--config", RECIPE_8B, "train.max_steps=20"]
+                                "--config", RECIPE_8B, "train.backend=neuron", "train.max_steps=20"]
     env = calls[0]["env"]
     assert env["NEURON_CC_FLAGS"] == "--model-type transformer --retry_failed_compilation"
     assert env["NEURON_RT_NUM_CORES"] == "32" and env["MALLOC_ARENA_MAX"] == "64"
@@ -134,6 +134,15 @@ def test_trn2_hosts_are_detected_and_compiled_for(launcher):
     assert calls[0]["env"]["NEURON_CC_FLAGS"].endswith("--target=trn2")
     assert "on trn2 (24 GiB)" in proc.stdout and "world size 64 = tp 32 x dp 2" in proc.stdout
     assert "checkpoint layout: trn2" in proc.stdout
+    # No torch-neuronx here: a trn2 host trains with the current stack, TorchNeuron; --backend chooses.
+    assert calls[0]["argv"][-2:] == ["train.backend=torchneuron", "train.dp=2"]
+    proc, calls = launcher("--backend", "neuron", "--config", RECIPE_8B_TRN2, "train.dp=2", neuron_cores=64,
+                           neuron_ls=trn2)
+    assert proc.returncode == 0 and calls[0]["argv"][-2:] == ["train.backend=neuron", "train.dp=2"]
+    proc, calls = launcher("--precompile", "--config", RECIPE_8B_TRN2, "train.dp=2", neuron_cores=64, neuron_ls=trn2)
+    assert proc.returncode == 2 and not calls and "--precompile is neuron_parallel_compile, XLA's" in proc.stderr
+    proc, calls = launcher("--backend", "torchneuron", "--config", RECIPE_8B, neuron_cores=32)
+    assert proc.returncode == 2 and not calls and "TorchNeuron has no trn1 support" in proc.stderr
     # The trn1 recipe (trn1 layout, KV heads replicated 4x) is refused there before anything starts.
     proc, calls = launcher("--config", RECIPE_8B, "train.dp=2", neuron_cores=64, neuron_ls=trn2)
     assert proc.returncode == 2 and not calls

@@ -10,6 +10,7 @@ _BACKENDS = {
     "cpu": ("nxd_lora.backends.torch_distributed", "CpuBackend"),
     "cuda": ("nxd_lora.backends.torch_distributed", "CudaBackend"),
     "neuron": ("nxd_lora.backends.neuron", "NeuronBackend"),
+    "torchneuron": ("nxd_lora.backends.torchneuron", "TorchNeuronBackend"),
     "xla": ("nxd_lora.backends.xla", "XlaBackend"),
 }
 

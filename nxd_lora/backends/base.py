@@ -24,6 +24,8 @@ class BackendUnavailable(RuntimeError):
 class Backend(ABC):
     name: str
     kv_layout: str = "trn1"  # of the checkpoint being trained, set by ``setup``; saves record it
+    compile_backend: str | None = None    # torch.compile's backend for train.compile (None: refused)
+    autocast_dtype: torch.dtype | None = None  # what train.autocast=auto means here (None: no autocast)
 
     @abstractmethod
     def setup(self, tp_size: int, kv_size_multiplier: int = 1, kv_layout: str = "trn1") -> None:

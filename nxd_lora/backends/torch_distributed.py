@@ -17,6 +17,7 @@ from nxd_lora.parallel import state
 
 class TorchDistributedBackend(Backend):
     dist_backend: str
+    compile_backend = "inductor"
 
     def setup(self, tp_size: int, kv_size_multiplier: int = 1, kv_layout: str = "trn1") -> None:
         world = int(os.environ.get("WORLD_SIZE", "1"))

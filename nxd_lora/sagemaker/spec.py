@@ -18,6 +18,8 @@ import json
 import re
 from dataclasses import dataclass, field
 
+from nxd_lora.instances import INSTANCES
+
 NEURON_SDK_VERSION = "2.28.0"
 NEURON_IMAGE_REPOSITORY = "pytorch-training-neuronx"
 NEURON_IMAGE_TAG = f"2.9.0-neuronx-py312-sdk{NEURON_SDK_VERSION}-ubuntu24.04"
@@ -33,8 +35,10 @@ DLC_ACCOUNTS = {
     "us-gov-west-1": "442386744353", "us-gov-east-1": "446045086412",
 }
 DEFAULT_DLC_ACCOUNT = "763104351884"
-# NeuronCores (ranks) per instance, as the container's launcher counts them.
-TRAINIUM_INSTANCES = {"ml.trn1.2xlarge": 2, "ml.trn1.32xlarge": 32, "ml.trn1n.32xlarge": 32, "ml.trn2.48xlarge": 64}
+# SageMaker's Trainium training instances; NeuronCores (ranks) per instance from nxd_lora.instances, at
+# the default logical-core config, as the container's launcher counts them.
+TRAINIUM_INSTANCES = {f"ml.{name}": INSTANCES[name].cores() for name in
+                      ("trn1.2xlarge", "trn1.32xlarge", "trn1n.32xlarge", "trn2.48xlarge")}
 ENTRY_POINT = "sagemaker_entry.py"
 CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"
 MAX_HYPERPARAMETER_CHARS = 2500  # per value, the service's limit

@@ -110,7 +110,8 @@ class PeriodicValidation(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, module: LoraModule, outputs, batch, batch_idx: int) -> None:
         if self.every and module.step_count % self.every == 0:
-            metrics = evaluate(module.model, self.rows, self.device)
+            with trainer.precision_plugin.forward_context():  # the training step's autocast, if any
+                metrics = evaluate(module.model, self.rows, self.device)
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=module.step_count)
 
@@ -123,12 +124,13 @@ class FinalEvaluation(L.Callback):
         self.metrics: dict[str, float] = {}
 
     def on_fit_end(self, trainer: L.Trainer, module: LoraModule) -> None:
-        self.metrics = evaluate(module.model, self.rows.val, self.device)
-        if self.rouge and self.rows.val_examples:
-            from nxd_lora.train.rouge import rouge_on_examples
+        with trainer.precision_plugin.forward_context():  # the training step's autocast, if any
+            self.metrics = evaluate(module.model, self.rows.val, self.device)
+            if self.rouge and self.rows.val_examples:
+                from nxd_lora.train.rouge import rouge_on_examples
 
-            self.metrics.update(rouge_on_examples(module.model, self.rows.val_examples, self.tokenizer, self.device,
-                                                  self.recipe.train.rouge_max_new_tokens))
+                self.metrics.update(rouge_on_examples(module.model, self.rows.val_examples, self.tokenizer,
+                                                      self.device, self.recipe.train.rouge_max_new_tokens))
         for logger in trainer.loggers:
             logger.log_metrics(self.metrics, step=module.step_count)
             logger.save()

@@ -66,6 +66,9 @@ class TrainConfig:
     rouge: bool = False           # ROUGE of greedy answers on validation prompts (needs rouge-score)
     rouge_max_new_tokens: int = 32
     activation_checkpointing: str = "none"  # none | mlp | full (recompute in backward to save memory)
+    autocast: str = "auto"        # auto (the backend's: bfloat16 on torchneuron, else none) | none | bfloat16
+    compile: bool = False         # torch.compile the training forward (backend's compiler: "neuron" on
+                                  # torchneuron, inductor on cpu/cuda; XLA backends compile graphs anyway)
 
 
 @dataclass

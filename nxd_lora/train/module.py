@@ -122,11 +122,15 @@ class LoraModule(L.LightningModule):
     """One optimizer step per batch; returns the step's (device) results for the callbacks to read."""
 
     def __init__(self, model: nn.Module, train: TrainConfig, start_step: int = 0,
-                 resume_states: tuple[dict, dict] | None = None, sync=None):
+                 resume_states: tuple[dict, dict] | None = None, sync=None, compile_backend: str | None = None):
         super().__init__()
         self.model, self.train_cfg, self.step_count = model, train, start_step
         self.automatic_optimization = False
         self.resume_states, self.sync = resume_states, sync
+        # The training forward, compiled when asked; validation and generation run the model as it is
+        # (their shapes vary, and each new shape would be a compile). A compiled function, not a module:
+        # nothing is registered twice.
+        self.train_forward = torch.compile(model.forward, backend=compile_backend) if compile_backend else model
         self.step_ends: list[float] = []  # wall clock at the end of each step (benchmarks' time per step)
 
     def on_train_start(self) -> None:
@@ -145,7 +149,7 @@ class LoraModule(L.LightningModule):
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         parallel_state = self.model.parallel_state
         tokens = loss_tokens(batch, parallel_state)
-        loss_sum = accumulate_gradients(self.model, batch, self.train_cfg.micro_batch_size, tokens,
+        loss_sum = accumulate_gradients(self.train_forward, batch, self.train_cfg.micro_batch_size, tokens,
                                         self.manual_backward)
         for tensor in [loss_sum] + [param.grad for param in lora_parameters(self.model)]:
             all_reduce_data_parallel(tensor, parallel_state)

@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from checkpoint_tools.atomic_io import load_tensors
@@ -30,7 +31,7 @@ from nxd_lora.checkpointing import SAVE_MODES, planned_save_bytes
 from nxd_lora.doctor import check_stack, neuron_platform
 from nxd_lora.lora.model import describe_trainable, load_lora_state_dict
 from nxd_lora.model.builder import build_model
-from nxd_lora.plan import check_job
+from nxd_lora.plan import check_job, device_of_platform
 from nxd_lora.tokenizer import load_tokenizer
 from nxd_lora.train.callbacks import (
     FinalEvaluation,
@@ -83,6 +84,8 @@ def check_before_start(recipe: Recipe) -> tuple[Path, dict]:
     Returns the base tag directory and its manifest."""
     cfg = recipe.train
     check_save_modes(cfg.save_modes)
+    if cfg.autocast not in ("auto", *AUTOCAST):
+        raise ValueError(f"train.autocast {cfg.autocast!r} unknown; choose from {['auto', *AUTOCAST]}")
     check_stack(cfg.backend, warn=lambda message: print(message, file=sys.stderr) if _local_rank() == 0 else None)
     if not recipe.model.checkpoint:
         raise ValueError("model.checkpoint is required (a directory written by 'nxd-lora convert')")
@@ -92,8 +95,17 @@ def check_before_start(recipe: Recipe) -> tuple[Path, dict]:
         check_layout_matches(manifest["kv_layout"], recipe.model.kv_layout, cfg.tp, manifest["kv_size_multiplier"],
                              f"{base_tag} (the recipe's model.kv_layout is {recipe.model.kv_layout})")
     check_job(recipe, manifest_config(manifest, base_tag), int(os.environ.get("WORLD_SIZE", "1")), str(base_tag),
-              device=neuron_platform() if cfg.backend == "neuron" else None)
+              device=trainium_device(cfg.backend))
     return base_tag, manifest
+
+
+def trainium_device(backend: str) -> str | None:
+    """The plan's device for this host on a Trainium backend: its platform, at the LNC the runtime is
+    told to use (``NEURON_LOGICAL_NC_CONFIG``, trn2); None on other backends."""
+    if backend not in ("neuron", "torchneuron"):
+        return None
+    lnc = os.environ.get("NEURON_LOGICAL_NC_CONFIG", "")
+    return device_of_platform(neuron_platform(), int(lnc) if lnc.isdigit() else None)
 
 
 def train(recipe: Recipe) -> dict:
@@ -102,6 +114,7 @@ def train(recipe: Recipe) -> dict:
     base_tag, manifest = check_before_start(recipe)
     precompile = precompiling()
     backend = get_backend(cfg.backend)
+    compiler = compile_backend(cfg, backend)  # refused before any process group exists
     backend.setup(cfg.tp, manifest["kv_size_multiplier"], manifest["kv_layout"])
 
     def say(message: str) -> None:
@@ -130,7 +143,8 @@ def train(recipe: Recipe) -> dict:
             steps = min(steps, PRECOMPILE_STEPS)
             say(f"neuron_parallel_compile: collecting graphs over {steps} steps; nothing is saved")
 
-        module = LoraModule(model, cfg, start_step, resume_states, sync=backend.step_end)
+        module = LoraModule(model, cfg, start_step, resume_states, sync=backend.step_end,
+                            compile_backend=compiler)
         parallel_state = model.parallel_state
         batches = StepBatches(rows.train, cfg.micro_batch_size * cfg.grad_accum, parallel_state.get_data_parallel_size(),
                               parallel_state.get_data_parallel_rank(), cfg.seed, start_step, cfg.max_steps)
@@ -207,9 +221,11 @@ def trainer(recipe: Recipe, backend, steps: int, callbacks: list) -> L.Trainer:
         loggers += [CSVLogger(out, name="logs")] if "csv" in cfg.loggers else []
         loggers += [TensorBoardLogger(out, name="tensorboard")] if "tensorboard" in cfg.loggers else []
     accelerator = {"cpu": "cpu", "cuda": "gpu"}.get(backend.device.type) or _AnyDeviceAccelerator()
+    dtype = autocast_dtype(cfg, backend)
+    precision = [MixedPrecision("bf16-mixed", device=backend.device.type)] if dtype is not None else []
     return L.Trainer(
         accelerator=accelerator, devices=1, strategy=_StayOnDeviceStrategy(backend.device), max_steps=steps,
-        logger=loggers or False, callbacks=callbacks,
+        logger=loggers or False, callbacks=callbacks, plugins=precision,
         enable_progress_bar=backend.rank == 0 and os.environ.get("NXD_LORA_NO_BAR") != "1",
         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
         log_every_n_steps=max(1, cfg.log_every),
@@ -232,6 +248,24 @@ class _AnyDeviceAccelerator(CPUAccelerator):
 
     def setup_device(self, device: torch.device) -> None:
         pass
+
+
+AUTOCAST = {"none": None, "bfloat16": torch.bfloat16}
+
+
+def autocast_dtype(cfg, backend) -> torch.dtype | None:
+    """``train.autocast`` for this backend: ``auto`` is the backend's default (bf16 on torchneuron)."""
+    return backend.autocast_dtype if cfg.autocast == "auto" else AUTOCAST[cfg.autocast]
+
+
+def compile_backend(cfg, backend) -> str | None:
+    """torch.compile's backend when ``train.compile`` is on; refused where the backend compiles graphs itself."""
+    if not cfg.compile:
+        return None
+    if backend.compile_backend is None:
+        raise ValueError(f"train.compile: backend {backend.name!r} runs XLA, which compiles each step's graph "
+                         "already; set train.compile=false")
+    return backend.compile_backend
 
 
 def check_save_modes(modes: list[str]) -> None:
