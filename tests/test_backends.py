@@ -13,7 +13,7 @@ from nxd_lora.backends import BackendUnavailable, get_backend
 
 
 def test_unknown_backend_lists_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown backend 'tpu'; choose one of \['cpu', 'cuda', 'neuron', 'xla'\]"):
+    with pytest.raises(ValueError, match=r"unknown backend 'tpu'; choose one of \['cpu', 'cuda', 'neuron', 'torchneuron', 'xla'\]"):
         get_backend("tpu")
 
 
