@@ -67,12 +67,15 @@ def _random_batch(vocab: int, batch: int, seq: int, device):
     return torch.randint(0, vocab, (batch, seq), device=device, generator=gen)
 
 
-def _ours(shape: dict, seq: int, mbs: int, checkpointing: str, device: str = "cuda"):
-    """The trainer's model and step functions on the backend named ``device`` (cuda or cpu)."""
+def _ours(shape: dict, seq: int, mbs: int, checkpointing: str, device: str = "cuda", base_state: dict | None = None,
+          ids=None, tp: int = 1):
+    """The trainer's model and step functions on the backend named ``device`` (cuda or cpu): random
+    weights, or this rank's ``base_state`` (an NxD rank file's tensors) at ``tp`` ranks (the
+    process groups are set up here), on ``ids`` or random tokens."""
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from checkpoint_tools.llama_config import LlamaConfig
+    from checkpoint_tools.llama_config import LlamaConfig, check_tensor_parallel
     from nxd_lora.backends import get_backend
     from nxd_lora.lora.config import LoraConfig
     from nxd_lora.lora.model import lora_parameters
@@ -80,16 +83,16 @@ def _ours(shape: dict, seq: int, mbs: int, checkpointing: str, device: str = "cu
     from nxd_lora.train.config import TrainConfig
     from nxd_lora.train.module import accumulate_gradients, clip_gradients, loss_tokens, make_optimizer
 
-    backend = get_backend(device)
-    backend.setup(1)
     config = LlamaConfig.from_dict(shape)
-    model = build_model(config, backend, None, LoraConfig(lora_rank=16, lora_alpha=32), fuse_qkv=True,
+    backend = get_backend(device)
+    backend.setup(tp, check_tensor_parallel(config, tp))
+    model = build_model(config, backend, base_state, LoraConfig(lora_rank=16, lora_alpha=32), fuse_qkv=True,
                         dtype=torch.bfloat16)
     model.set_activation_checkpointing(checkpointing)
     model.train()
     train = TrainConfig(backend=device, lr=1e-4, micro_batch_size=mbs, grad_clip=1.0)
     optimizer = make_optimizer(lora_parameters(model), train)
-    ids = _random_batch(config.vocab_size, mbs, seq, backend.device)
+    ids = _random_batch(config.vocab_size, mbs, seq, backend.device) if ids is None else ids.to(backend.device)
     batch = {"input_ids": ids, "labels": ids}
 
     def step():
@@ -100,20 +103,26 @@ def _ours(shape: dict, seq: int, mbs: int, checkpointing: str, device: str = "cu
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    step.model = model
+    step.model, step.backend = model, backend
     return step
 
 
-def _hf(shape: dict, seq: int, mbs: int, checkpointing: bool, device: str = "cuda"):
-    """transformers + peft, configured as the issue's anchor measurements were."""
+def _hf(shape: dict, seq: int, mbs: int, checkpointing: bool, device: str = "cuda", pretrained: str | None = None,
+        ids=None):
+    """transformers + peft, configured as the issue's anchor measurements were: random weights, or
+    the Hugging Face model directory ``pretrained``, on ``ids`` or random tokens."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
     from transformers import LlamaConfig as HFLlamaConfig
 
     config = HFLlamaConfig(**shape)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    if pretrained is not None:
+        model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch.bfloat16, attn_implementation="sdpa",
+                                                     device_map=device)
+    else:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
                                              target_modules=["q_proj", "k_proj", "v_proj"], task_type="CAUSAL_LM"))
     if checkpointing:
@@ -121,7 +130,7 @@ def _hf(shape: dict, seq: int, mbs: int, checkpointing: bool, device: str = "cud
         model.enable_input_require_grads()
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
-    ids = _random_batch(config.vocab_size, mbs, seq, device)
+    ids = _random_batch(config.vocab_size, mbs, seq, device) if ids is None else ids.to(device)
 
     def step():
         loss = model(input_ids=ids, labels=ids).loss

@@ -74,6 +74,11 @@ class LlamaConfig:
             extra={k: v for k, v in raw.items() if k not in known},
         )
 
+    @property
+    def initializer_range(self) -> float:
+        """Std of the random init of weight matrices (Hugging Face's field; 0.02 when absent)."""
+        return float(self.extra.get("initializer_range", 0.02))
+
     @classmethod
     def from_json(cls, path: str | Path) -> LlamaConfig:
         path = Path(path)

@@ -28,3 +28,28 @@ def test_train_throughput_runs_both_implementations_and_trains(tmp_path):
     # The table's last row is ours, with its speed relative to HF's.
     assert proc.stdout.splitlines()[-1].split()[:2] == ["tiny-64x2-mlp", "ours"]
     assert proc.stdout.rstrip().endswith("x")
+
+
+def test_cpu_side_by_side_runs_on_the_real_model_and_both_sides_agree(tmp_path, smollm2_hf):
+    """The CPU bench end to end at a tiny size: both implementations, TP=3 beside TP=1, the table.
+
+    Real weights and the same text rows on every side, so the first losses (before any update)
+    must agree: HF + PEFT against ours at TP=1, and TP=3 against TP=1."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "smollm2-135m-hf").symlink_to(smollm2_hf)  # the session's conversion, not a second one
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "cpu_side_by_side.py"), "--rounds", "1",
+                           "--steps", "2", "--warmup", "1", "--cases", "32x1", "--tp-cases", "32x1",
+                           "--work", str(work)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {row["impl"]: row for row in map(json.loads, (ln for ln in proc.stdout.splitlines() if ln.startswith("{")))}
+    assert set(rows) == {"hf", "ours", "ours-tp1", "ours-tp"} and rows["ours-tp"]["tp"] == 3
+    for impl, row in rows.items():
+        assert row["tokens_per_s"] > 0 and 0 < row["peak_rss_gib"] <= row["load_peak_gib"] + 1e-6, (impl, row)
+        assert row["last_loss"] < row["first_loss"], (impl, row)  # the steps train the LoRA weights
+    assert 1.0 < rows["hf"]["first_loss"] < 8.0  # a pretrained model on text, not random weights
+    assert math.isclose(rows["ours"]["first_loss"], rows["hf"]["first_loss"], rel_tol=1e-3)
+    # TP=3 all-reduces the row-parallel layers' bf16 partial sums: bf16 rounding, not identity.
+    assert math.isclose(rows["ours-tp"]["first_loss"], rows["ours-tp1"]["first_loss"], rel_tol=5e-3)
+    table = [ln for ln in proc.stdout.splitlines() if ln.startswith("| 32x1")]
+    assert len(table) == 4 and "x of HF" in table[1] and "x of TP=1" in table[3]

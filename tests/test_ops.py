@@ -1,4 +1,4 @@
-"""The memory-lean RMSNorm and SwiGLU functions against their plain formulas."""
+"""The memory-lean RMSNorm and SwiGLU functions and the rotary embedding against their plain formulas."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from nxd_lora.model.ops import rms_norm, silu_mul
+from nxd_lora.model.rope import apply_rotary
 
 
 def _plain_rms_norm(x, weight, eps):
@@ -57,3 +58,34 @@ def test_only_the_input_is_kept_for_backward():
         silu_mul(x)
     big = [t for t in saved if t.numel() == x.numel()]
     assert len(big) == 2 and all(t.data_ptr() == x.data_ptr() for t in big)
+
+
+def _rotate_half_formula(x, cos, sin):
+    """Hugging Face's ``apply_rotary_pos_emb`` for one tensor: ``x * cos + rotate_half(x) * sin``."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos.unsqueeze(1) + torch.cat((-second, first), dim=-1) * sin.unsqueeze(1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_is_bit_identical_to_the_rotate_half_formula(dtype):
+    """Forward and input gradient rounded as autograd rounds the plain formula, on the strided
+    [batch, heads, seq, head_dim] view the attention passes (heads transposed out of a fused row)."""
+    gen = torch.Generator().manual_seed(2)
+    freqs = torch.randn(2, 11, 8, generator=gen) * 4
+    emb = torch.cat((freqs, freqs), dim=-1)  # as RotaryEmbedding builds them
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    rows = torch.randn(2, 11, 5 * 16 + 7, generator=gen).to(dtype)
+    x = rows[..., :5 * 16].view(2, 11, 5, 16).transpose(1, 2).detach().requires_grad_()
+    ref_x = x.detach().clone().requires_grad_()
+    out, ref = apply_rotary(x, cos, sin), _rotate_half_formula(ref_x, cos, sin)
+    assert torch.equal(out, ref)
+    grad = torch.randn(out.shape, generator=gen).to(dtype)
+    assert torch.equal(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(ref, ref_x, grad)[0])
+
+
+def test_rotary_gradient_passes_gradcheck_in_float64():
+    gen = torch.Generator().manual_seed(3)
+    freqs = torch.randn(1, 6, 4, dtype=torch.float64, generator=gen)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    x = torch.randn(1, 3, 6, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: apply_rotary(a, emb.cos(), emb.sin()), (x,))

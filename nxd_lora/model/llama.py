@@ -7,7 +7,9 @@ from a ``layers`` namespace (``nxd_lora.parallel`` here, ``neuronx_distributed``
 
 from __future__ import annotations
 
+from functools import partial
 from types import SimpleNamespace
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,14 @@ from nxd_lora.model.ops import rms_norm, silu_mul
 from nxd_lora.model.rope import RotaryEmbedding, apply_rotary
 
 CHECKPOINTING_MODES = ("none", "mlp", "full")
+Init = Callable[[torch.Tensor], object]
+
+
+def hf_init(config: LlamaConfig) -> Init:
+    """N(0, ``initializer_range``) for every weight matrix, as Hugging Face's Llama initialises a
+    model built from a config (norms stay 1): a randomly initialised model then starts near
+    ln(vocab) and random-weight benchmarks compare like with like."""
+    return partial(nn.init.normal_, mean=0.0, std=config.initializer_range)
 
 
 def checkpoint(function, *args):
@@ -51,7 +61,7 @@ class Attention(nn.Module):
     """GQA attention over this rank's query heads and the KV heads they attend to."""
 
     def __init__(self, config: LlamaConfig, tp_size: int, kv_size_multiplier: int, fuse_qkv: bool,
-                 layers: SimpleNamespace, dtype: torch.dtype):
+                 layers: SimpleNamespace, dtype: torch.dtype, init: Init):
         super().__init__()
         hd = config.head_dim
         self.head_dim = hd
@@ -60,11 +70,12 @@ class Attention(nn.Module):
         self.qkv_proj = layers.GQAQKVColumnParallelLinear(
             config.hidden_size,
             [config.num_attention_heads * hd, config.num_key_value_heads * hd],
-            bias=False, gather_output=False, dtype=dtype,
+            bias=False, gather_output=False, dtype=dtype, init_method=init,
             kv_size_multiplier=kv_size_multiplier, fuse_qkv=fuse_qkv,
         )
         self.o_proj = layers.RowParallelLinear(
-            config.num_attention_heads * hd, config.hidden_size, bias=False, input_is_parallel=True, dtype=dtype
+            config.num_attention_heads * hd, config.hidden_size, bias=False, input_is_parallel=True, dtype=dtype,
+            init_method=init,
         )
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -93,13 +104,15 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU with gate and up fused into one column-parallel ``gate_up_proj`` ([gate_r; up_r])."""
 
-    def __init__(self, config: LlamaConfig, layers: SimpleNamespace, dtype: torch.dtype):
+    def __init__(self, config: LlamaConfig, layers: SimpleNamespace, dtype: torch.dtype, init: Init):
         super().__init__()
         self.gate_up_proj = layers.ColumnParallelLinear(
-            config.hidden_size, 2 * config.intermediate_size, stride=2, bias=False, gather_output=False, dtype=dtype
+            config.hidden_size, 2 * config.intermediate_size, stride=2, bias=False, gather_output=False, dtype=dtype,
+            init_method=init,
         )
         self.down_proj = layers.RowParallelLinear(
-            config.intermediate_size, config.hidden_size, bias=False, input_is_parallel=True, dtype=dtype
+            config.intermediate_size, config.hidden_size, bias=False, input_is_parallel=True, dtype=dtype,
+            init_method=init,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,10 +128,10 @@ class DecoderLayer(nn.Module):
     """
 
     def __init__(self, config: LlamaConfig, tp_size: int, kv_size_multiplier: int, fuse_qkv: bool,
-                 layers: SimpleNamespace, dtype: torch.dtype):
+                 layers: SimpleNamespace, dtype: torch.dtype, init: Init):
         super().__init__()
-        self.self_attn = Attention(config, tp_size, kv_size_multiplier, fuse_qkv, layers, dtype)
-        self.mlp = MLP(config, layers, dtype)
+        self.self_attn = Attention(config, tp_size, kv_size_multiplier, fuse_qkv, layers, dtype, init)
+        self.mlp = MLP(config, layers, dtype, init)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.checkpointing = "none"
@@ -142,9 +155,11 @@ class LlamaModel(nn.Module):
     def __init__(self, config: LlamaConfig, tp_size: int, kv_size_multiplier: int, fuse_qkv: bool,
                  layers: SimpleNamespace, dtype: torch.dtype):
         super().__init__()
-        self.embed_tokens = layers.ParallelEmbedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        init = hf_init(config)
+        self.embed_tokens = layers.ParallelEmbedding(config.vocab_size, config.hidden_size, dtype=dtype,
+                                                     init_method=init)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, tp_size, kv_size_multiplier, fuse_qkv, layers, dtype)
+            DecoderLayer(config, tp_size, kv_size_multiplier, fuse_qkv, layers, dtype, init)
             for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
@@ -187,7 +202,8 @@ class LlamaForCausalLM(nn.Module):
         self.parallel_state = layers.state  # the backend's process groups (ours, or NxD's parallel_state)
         self.model = LlamaModel(config, tp_size, self.kv_size_multiplier, fuse_qkv, layers, dtype)
         self.lm_head = layers.ColumnParallelLinear(
-            config.hidden_size, config.vocab_size, bias=False, gather_output=False, dtype=dtype
+            config.hidden_size, config.vocab_size, bias=False, gather_output=False, dtype=dtype,
+            init_method=hf_init(config),
         )
         self._cross_entropy = layers.parallel_cross_entropy
         self._linear_cross_entropy = getattr(layers, "parallel_linear_cross_entropy", None)

@@ -29,13 +29,16 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        # d/dx of x * rstd is rstd * (g - normed * mean(g * normed)) with normed = x * rstd, written
+        # as rstd * g - x * (rstd^3 * mean(g * x)): two full-size passes fewer, all in fp32.
         x, weight, rstd = ctx.saved_tensors
-        normed = _upcast(x) * rstd
+        x32 = _upcast(x)
         grad_normed = _upcast(grad * weight)
-        grad_x = rstd * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
+        coef = (grad_normed * x32).mean(-1, keepdim=True) * rstd.pow(3)
+        grad_x = grad_normed.mul_(rstd).addcmul_(x32, coef, value=-1)  # grad_normed is a fresh tensor
         grad_weight = None
         if ctx.needs_input_grad[1]:
-            grad_weight = _upcast(grad * normed.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0)
+            grad_weight = _upcast(grad * (x32 * rstd).to(x.dtype)).reshape(-1, x.shape[-1]).sum(0)
             grad_weight = grad_weight.to(weight.dtype)
         return grad_x.to(x.dtype), grad_weight, None
 
@@ -54,13 +57,16 @@ class _SiluMul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        # In fp32 with one rounding at the end, as before, but in four element-wise passes (aten's
+        # fused silu_backward) written straight into the two halves of the result: no fp32 cat.
         (gate_up,) = ctx.saved_tensors
         gate, up = _upcast(gate_up).chunk(2, dim=-1)
         grad = _upcast(grad)
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
-        grad_gate = grad * up * sig * (1 + gate * (1 - sig))
-        return torch.cat([grad_gate, grad * silu], dim=-1).to(gate_up.dtype)
+        grad_gate_up = torch.empty_like(gate_up)
+        grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
+        grad_gate.copy_(torch.ops.aten.silu_backward(grad * up, gate))
+        grad_up.copy_(grad * F.silu(gate))
+        return grad_gate_up
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

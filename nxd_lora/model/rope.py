@@ -43,12 +43,41 @@ class RotaryEmbedding(torch.nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: int) -> torch.Tensor:
+    """``[x1*c - sign*x2*s | x2*c + sign*x1*s]`` for halves ``x1, x2`` of the last dim.
+
+    With ``sign=1`` this is ``x * cos + rotate_half(x) * sin`` (cos and sin repeat their first half,
+    as the rotate-half layout makes them), rounded product by product as that formula is; with
+    ``sign=-1`` it is the transpose, the gradient. The halves are written into the result in
+    place: no ``rotate_half`` copy, negation or concatenation."""
+    x1, x2 = x.chunk(2, dim=-1)
+    out = torch.empty_like(x)
+    out1, out2 = out.chunk(2, dim=-1)
+    torch.mul(x1, cos, out=out1)
+    torch.mul(x2, cos, out=out2)
+    if sign > 0:
+        out1.sub_(x2 * sin)
+        out2.add_(x1 * sin)
+    else:
+        out1.add_(x2 * sin)
+        out2.sub_(x1 * sin)
+    return out
+
+
+class _Rotary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, 1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, -1), None, None
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` of shape [batch, heads, seq, head_dim] by cos/sin of shape [batch, seq, head_dim]."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + _rotate_half(x) * sin
+    """Rotate ``x`` of shape [batch, heads, seq, head_dim] by cos/sin of shape [batch, seq, head_dim]
+    (``RotaryEmbedding``'s, whose two halves are equal); the position tables take no gradient."""
+    half = cos.shape[-1] // 2
+    return _Rotary.apply(x, cos[..., :half].unsqueeze(1), sin[..., :half].unsqueeze(1))

@@ -17,7 +17,9 @@ from nxd_lora.parallel.mappings import all_reduce_tensor_model_parallel, copy_to
 def _loss_and_logit_grad(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
                          with_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token loss of fp32 vocab-sharded ``logits`` (overwritten), and d(loss_t)/d(logits_t):
-    ``softmax - one_hot(target)``, zero for ignored tokens. Shared by both losses below."""
+    ``softmax - one_hot(target)``. Ignored tokens get loss 0; their gradient rows are left as
+    they come (finite), for the caller to zero through the per-token scale it applies in
+    backward anyway (``_kept``): no extra pass over the logits. Shared by both losses below."""
     vocab_per_rank = logits.shape[-1]
     start = state.get_tensor_model_parallel_rank() * vocab_per_rank
     logits_max = all_reduce_tensor_model_parallel(logits.max(dim=-1).values, op=dist.ReduceOp.MAX)
@@ -34,8 +36,12 @@ def _loss_and_logit_grad(logits: torch.Tensor, target: torch.Tensor, ignore_inde
         return loss, None
     grad = exp.div_(sum_exp.unsqueeze(-1))
     grad.scatter_add_(-1, local_target, -(~outside).to(grad.dtype).unsqueeze(-1))
-    grad.mul_((~ignored).to(grad.dtype).unsqueeze(-1))
     return loss, grad
+
+
+def _kept(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """1.0 for tokens that count in the loss, 0.0 for ignored ones (fp32, per token)."""
+    return (target != ignore_index).to(torch.float32)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -43,13 +49,13 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, ignore_index: int):
         loss, grad = _loss_and_logit_grad(logits.to(torch.float32, copy=True), target, ignore_index,
                                           with_grad=ctx.needs_input_grad[0])
-        ctx.save_for_backward(grad)
+        ctx.save_for_backward(grad, _kept(target, ignore_index))
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        (grad,) = ctx.saved_tensors
-        return grad.mul_(grad_loss.unsqueeze(-1)), None, None
+        grad, kept = ctx.saved_tensors
+        return grad.mul_((grad_loss * kept).unsqueeze(-1)), None, None
 
 
 def parallel_cross_entropy(
@@ -86,13 +92,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                                                              ignore_index, with_grad=grad_hidden is not None)
             if grad_hidden is not None:
                 grad_hidden[rows] = grad_logits.to(hidden.dtype) @ weight
-        ctx.save_for_backward(grad_hidden)
+        ctx.save_for_backward(grad_hidden, _kept(target, ignore_index))
         return losses
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_loss.unsqueeze(-1).to(grad_hidden.dtype), None, None, None, None
+        grad_hidden, kept = ctx.saved_tensors
+        return grad_hidden * (grad_loss * kept).unsqueeze(-1).to(grad_hidden.dtype), None, None, None, None
 
 
 def parallel_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
