@@ -50,15 +50,12 @@ def parse_case(case: str) -> tuple[int, int]:
 
 def model_dirs(work: Path, tp: int) -> tuple[Path, Path]:
     """(HF directory, NxD base tag with fused ``qkv_proj``) of the demo model at ``tp``, converted on first use."""
-    from checkpoint_tools.convert import convert_source_to_hf, convert_to_nxd
+    from checkpoint_tools.nxd_format import BASE_TAG
     from nxd_lora.assets import asset_path
+    from nxd_lora.demo import prepare_real_model
 
-    hf_dir, tag = work / "smollm2-135m-hf", work / f"smollm2-135m-tp{tp}-fused" / "pretrained_weight"
-    if not (hf_dir / "model.safetensors.index.json").is_file():
-        convert_source_to_hf(asset_path(), hf_dir, overwrite=True)
-    if not (tag / "done").is_file():
-        convert_to_nxd(hf_dir, tag.parent, tp, fuse_qkv=True, overwrite=True)
-    return hf_dir, tag
+    hf_dir, ckpt = prepare_real_model(work, asset_path(), tp, fuse_qkv=True)
+    return hf_dir, ckpt / BASE_TAG
 
 
 def text_rows(hf_dir: Path, seq: int, mbs: int) -> torch.Tensor:

@@ -89,18 +89,18 @@ def write_tiny_hf_model(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
-def real_model_dirs(root: Path, tp: int = REAL_TP) -> tuple[Path, Path]:
+def real_model_dirs(root: Path, tp: int = REAL_TP, fuse_qkv: bool = False) -> tuple[Path, Path]:
     """Where the demo keeps the real model: (HF directory, NxD checkpoint)."""
-    return root / "smollm2-135m-hf", root / f"smollm2-135m-tp{tp}"
+    return root / "smollm2-135m-hf", root / f"smollm2-135m-tp{tp}{'-fused' if fuse_qkv else ''}"
 
 
-def prepare_real_model(root: Path, gguf: Path, tp: int = REAL_TP) -> tuple[Path, Path]:
+def prepare_real_model(root: Path, gguf: Path, tp: int = REAL_TP, fuse_qkv: bool = False) -> tuple[Path, Path]:
     """GGUF -> HF directory -> NxD TP checkpoint, each step skipped when its output is complete."""
-    hf_dir, ckpt = real_model_dirs(root, tp)
+    hf_dir, ckpt = real_model_dirs(root, tp, fuse_qkv)
     if not (hf_dir / "model.safetensors.index.json").is_file():
         convert_source_to_hf(gguf, hf_dir, overwrite=True)
     if not (ckpt / BASE_TAG / "done").is_file():
-        convert_to_nxd(hf_dir, ckpt, tp, overwrite=True)
+        convert_to_nxd(hf_dir, ckpt, tp, fuse_qkv=fuse_qkv, overwrite=True)
     return hf_dir, ckpt
 
 

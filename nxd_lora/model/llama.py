@@ -22,10 +22,9 @@ from nxd_lora.model.ops import rms_norm, silu_mul
 from nxd_lora.model.rope import RotaryEmbedding, apply_rotary
 
 CHECKPOINTING_MODES = ("none", "mlp", "full")
-Init = Callable[[torch.Tensor], object]
 
 
-def hf_init(config: LlamaConfig) -> Init:
+def hf_init(config: LlamaConfig) -> Callable[[torch.Tensor], torch.Tensor]:
     """N(0, ``initializer_range``) for every weight matrix, as Hugging Face's Llama initialises a
     model built from a config (norms stay 1): a randomly initialised model then starts near
     ln(vocab) and random-weight benchmarks compare like with like."""
@@ -61,8 +60,9 @@ class Attention(nn.Module):
     """GQA attention over this rank's query heads and the KV heads they attend to."""
 
     def __init__(self, config: LlamaConfig, tp_size: int, kv_size_multiplier: int, fuse_qkv: bool,
-                 layers: SimpleNamespace, dtype: torch.dtype, init: Init):
+                 layers: SimpleNamespace, dtype: torch.dtype):
         super().__init__()
+        init = hf_init(config)
         hd = config.head_dim
         self.head_dim = hd
         self.local_heads = config.num_attention_heads // tp_size
@@ -104,8 +104,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU with gate and up fused into one column-parallel ``gate_up_proj`` ([gate_r; up_r])."""
 
-    def __init__(self, config: LlamaConfig, layers: SimpleNamespace, dtype: torch.dtype, init: Init):
+    def __init__(self, config: LlamaConfig, layers: SimpleNamespace, dtype: torch.dtype):
         super().__init__()
+        init = hf_init(config)
         self.gate_up_proj = layers.ColumnParallelLinear(
             config.hidden_size, 2 * config.intermediate_size, stride=2, bias=False, gather_output=False, dtype=dtype,
             init_method=init,
@@ -128,10 +129,10 @@ class DecoderLayer(nn.Module):
     """
 
     def __init__(self, config: LlamaConfig, tp_size: int, kv_size_multiplier: int, fuse_qkv: bool,
-                 layers: SimpleNamespace, dtype: torch.dtype, init: Init):
+                 layers: SimpleNamespace, dtype: torch.dtype):
         super().__init__()
-        self.self_attn = Attention(config, tp_size, kv_size_multiplier, fuse_qkv, layers, dtype, init)
-        self.mlp = MLP(config, layers, dtype, init)
+        self.self_attn = Attention(config, tp_size, kv_size_multiplier, fuse_qkv, layers, dtype)
+        self.mlp = MLP(config, layers, dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.checkpointing = "none"
@@ -155,11 +156,10 @@ class LlamaModel(nn.Module):
     def __init__(self, config: LlamaConfig, tp_size: int, kv_size_multiplier: int, fuse_qkv: bool,
                  layers: SimpleNamespace, dtype: torch.dtype):
         super().__init__()
-        init = hf_init(config)
         self.embed_tokens = layers.ParallelEmbedding(config.vocab_size, config.hidden_size, dtype=dtype,
-                                                     init_method=init)
+                                                     init_method=hf_init(config))
         self.layers = nn.ModuleList(
-            DecoderLayer(config, tp_size, kv_size_multiplier, fuse_qkv, layers, dtype, init)
+            DecoderLayer(config, tp_size, kv_size_multiplier, fuse_qkv, layers, dtype)
             for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
