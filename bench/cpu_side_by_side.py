@@ -17,6 +17,7 @@ The TP cases run our step over gloo at TP=3 beside TP=1, one thread per rank (``
 
     python bench/cpu_side_by_side.py                      # 3 rounds, seq 512 x 2 and 2048 x 1, TP 3 vs 1
     python bench/cpu_side_by_side.py --rounds 1 --steps 1 --cases 64x1 --tp-cases ''   # smoke run
+    python bench/cpu_side_by_side.py --profile ours:512x2 --steps 2    # top ops of two steps
 
 Needs the demo model (``nxd-lora fetch-model``); the HF directory and the NxD checkpoints are
 converted from it once into ``--work``. Record results in BENCHMARKS.md.
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -95,29 +97,40 @@ def time_steps(step, steps: int, warmup: int, barrier=lambda: None) -> dict:
     reset_peak_rss()
     losses = [float(step()) for _ in range(warmup)]
     barrier()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
     for _ in range(steps):
         loss = step()
     barrier()
     elapsed = time.perf_counter() - start
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     peak = peak_rss_gib()
     return dict(step_s=elapsed / steps, first_loss=losses[0] if losses else None, last_loss=float(loss),
-                peak_rss_gib=peak, load_peak_gib=max(load_peak, peak))
+                peak_rss_gib=peak, load_peak_gib=max(load_peak, peak), page_faults_per_step=faults / steps)
 
 
 def _shape(hf_dir: Path) -> dict:
     return json.loads((hf_dir / "config.json").read_text())
 
 
-def ours_rank(work: str, tp: int, seq: int, mbs: int, steps: int, warmup: int) -> dict:
-    """One rank of our step on the NxD checkpoint at ``tp`` (module level: ``spawn_ranks`` imports it)."""
+def _ours_step(work: str, tp: int, seq: int, mbs: int):
     from checkpoint_tools.atomic_io import load_tensors
     from checkpoint_tools.nxd_format import rank_path
 
     hf_dir, tag = model_dirs(Path(work), tp)
     rank = int(os.environ.get("RANK", 0))
-    step = _ours(_shape(hf_dir), seq, mbs, "none", "cpu", base_state=load_tensors(rank_path(tag, rank)),
+    return _ours(_shape(hf_dir), seq, mbs, "none", "cpu", base_state=load_tensors(rank_path(tag, rank)),
                  ids=text_rows(hf_dir, seq, mbs), tp=tp)
+
+
+def _hf_step(work: Path, seq: int, mbs: int):
+    hf_dir, _ = model_dirs(work, 1)
+    return _hf(_shape(hf_dir), seq, mbs, False, "cpu", pretrained=str(hf_dir), ids=text_rows(hf_dir, seq, mbs))
+
+
+def ours_rank(work: str, tp: int, seq: int, mbs: int, steps: int, warmup: int) -> dict:
+    """One rank of our step on the NxD checkpoint at ``tp`` (module level: ``spawn_ranks`` imports it)."""
+    step = _ours_step(work, tp, seq, mbs)
     try:
         return time_steps(step, steps, warmup, step.backend.barrier)
     finally:
@@ -129,9 +142,8 @@ def run_one(impl: str, case: str, tp: int, args: argparse.Namespace) -> dict:
     seq, mbs = parse_case(case)
     result = dict(impl=impl, case=case, tp=tp, torch=torch.__version__)
     if impl == "hf":
-        hf_dir, _ = model_dirs(args.work, 1)
-        step = _hf(_shape(hf_dir), seq, mbs, False, "cpu", pretrained=str(hf_dir), ids=text_rows(hf_dir, seq, mbs))
-        result.update(time_steps(step, args.steps, args.warmup), threads=torch.get_num_threads())
+        result.update(time_steps(_hf_step(args.work, seq, mbs), args.steps, args.warmup),
+                      threads=torch.get_num_threads())
     elif impl == "ours":
         result.update(ours_rank(str(args.work), 1, seq, mbs, args.steps, args.warmup), threads=torch.get_num_threads())
     else:
@@ -142,6 +154,21 @@ def run_one(impl: str, case: str, tp: int, args: argparse.Namespace) -> dict:
                       load_peak_gib=sum(r["load_peak_gib"] for r in ranks))
     result["tokens_per_s"] = seq * mbs / result["step_s"]
     return result
+
+
+def profile_one(impl: str, case: str, args: argparse.Namespace, rows: int = 15) -> str:
+    """``torch.profiler`` over ``--steps`` steps of ``hf`` or ``ours`` (TP=1) after the warm-up:
+    the top ops by self CPU time, the table BENCHMARKS.md's profiles come from."""
+    from torch.profiler import profile
+
+    seq, mbs = parse_case(case)
+    step = _hf_step(args.work, seq, mbs) if impl == "hf" else _ours_step(str(args.work), 1, seq, mbs)
+    for _ in range(args.warmup):
+        step()
+    with profile() as prof:
+        for _ in range(args.steps):
+            step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
 def run_child(impl: str, case: str, tp: int, args: argparse.Namespace) -> dict:
@@ -200,8 +227,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "nxd-lora-bench")
+    parser.add_argument("--profile", metavar="IMPL:CASE", help="profile hf or ours on one case instead (e.g. ours:512x2)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.profile:
+        impl, case = args.profile.split(":")
+        model_dirs(args.work, 1)
+        print(profile_one(impl, case, args))
+        return
     if args.one:
         impl, case, tp = args.one.split(":")
         print(json.dumps(run_one(impl, case, int(tp), args)))

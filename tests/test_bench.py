@@ -53,3 +53,10 @@ def test_cpu_side_by_side_runs_on_the_real_model_and_both_sides_agree(tmp_path, 
     assert math.isclose(rows["ours-tp"]["first_loss"], rows["ours-tp1"]["first_loss"], rel_tol=5e-3)
     table = [ln for ln in proc.stdout.splitlines() if ln.startswith("| 32x1")]
     assert len(table) == 4 and "x of HF" in table[1] and "x of TP=1" in table[3]
+    # --profile: the top-ops table BENCHMARKS.md's profiles come from, on the same converted model.
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "cpu_side_by_side.py"), "--profile", "ours:32x1",
+                           "--steps", "1", "--warmup", "1", "--work", str(work)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Self CPU time total" in proc.stdout and "aten::mm" in proc.stdout
+    assert "aten::_scaled_dot_product_flash_attention" not in proc.stdout  # CPU attention is ours, not SDPA's

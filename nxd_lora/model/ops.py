@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _upcast(x: torch.Tensor) -> torch.Tensor:
+def upcast(x: torch.Tensor) -> torch.Tensor:
     """At least fp32 (float64 stays float64, for gradcheck)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
@@ -22,7 +22,7 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        x32 = _upcast(x)
+        x32 = upcast(x)
         rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, rstd)
         return weight * (x32 * rstd).to(x.dtype)
@@ -32,13 +32,13 @@ class _RMSNorm(torch.autograd.Function):
         # d/dx of x * rstd is rstd * (g - normed * mean(g * normed)) with normed = x * rstd, written
         # as rstd * g - x * (rstd^3 * mean(g * x)): two full-size passes fewer, all in fp32.
         x, weight, rstd = ctx.saved_tensors
-        x32 = _upcast(x)
-        grad_normed = _upcast(grad * weight)
+        x32 = upcast(x)
+        grad_normed = upcast(grad * weight)
         coef = (grad_normed * x32).mean(-1, keepdim=True) * rstd.pow(3)
         grad_x = grad_normed.mul_(rstd).addcmul_(x32, coef, value=-1)  # grad_normed is a fresh tensor
         grad_weight = None
         if ctx.needs_input_grad[1]:
-            grad_weight = _upcast(grad * (x32 * rstd).to(x.dtype)).reshape(-1, x.shape[-1]).sum(0)
+            grad_weight = upcast(grad * (x32 * rstd).to(x.dtype)).reshape(-1, x.shape[-1]).sum(0)
             grad_weight = grad_weight.to(weight.dtype)
         return grad_x.to(x.dtype), grad_weight, None
 
@@ -60,8 +60,8 @@ class _SiluMul(torch.autograd.Function):
         # In fp32 with one rounding at the end, as before, but in four element-wise passes (aten's
         # fused silu_backward) written straight into the two halves of the result: no fp32 cat.
         (gate_up,) = ctx.saved_tensors
-        gate, up = _upcast(gate_up).chunk(2, dim=-1)
-        grad = _upcast(grad)
+        gate, up = upcast(gate_up).chunk(2, dim=-1)
+        grad = upcast(grad)
         grad_gate_up = torch.empty_like(gate_up)
         grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
         grad_gate.copy_(torch.ops.aten.silu_backward(grad * up, gate))

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from nxd_lora.parallel import state
+from nxd_lora.scratch import scratch
 from nxd_lora.parallel.mappings import all_reduce_tensor_model_parallel, copy_to_tensor_model_parallel_region
 
 
@@ -73,6 +74,25 @@ def _chunk_rows(vocab_per_rank: int, max_elements: int = CHUNK_ELEMENTS) -> int:
     return max(1, max_elements // vocab_per_rank)
 
 
+def _fp32_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``(hidden @ weight.T).float()``; on the CPU into reused scratch buffers (a chunk's logits are
+    hundreds of MB, whose fresh pages cost more than the exp over them: see nxd_lora/scratch.py)."""
+    if hidden.device.type != "cpu":
+        return (hidden @ weight.t()).float()
+    shape = (hidden.shape[0], weight.shape[0])
+    logits = torch.mm(hidden, weight.t(), out=scratch("loss.logits", hidden.dtype, shape, hidden.device))
+    if logits.dtype == torch.float32:
+        return logits
+    return scratch("loss.logits32", torch.float32, shape, hidden.device).copy_(logits)
+
+
+def _as_dtype(grad_logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``grad_logits.to(dtype)``; on the CPU into the chunk's (now unused) low-precision logits buffer."""
+    if grad_logits.device.type != "cpu" or grad_logits.dtype == dtype:
+        return grad_logits.to(dtype)
+    return scratch("loss.logits", dtype, grad_logits.shape, grad_logits.device).copy_(grad_logits)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Per-token loss of ``hidden @ weight.T`` over a vocabulary-sharded, frozen ``weight``.
 
@@ -88,10 +108,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for first in range(0, hidden.shape[0], chunk):
             rows = slice(first, first + chunk)
-            losses[rows], grad_logits = _loss_and_logit_grad((hidden[rows] @ weight.t()).float(), target[rows],
+            losses[rows], grad_logits = _loss_and_logit_grad(_fp32_logits(hidden[rows], weight), target[rows],
                                                              ignore_index, with_grad=grad_hidden is not None)
             if grad_hidden is not None:
-                grad_hidden[rows] = grad_logits.to(hidden.dtype) @ weight
+                grad_hidden[rows] = _as_dtype(grad_logits, hidden.dtype) @ weight
         ctx.save_for_backward(grad_hidden, _kept(target, ignore_index))
         return losses
 
