@@ -94,7 +94,9 @@ class Attention(nn.Module):
         if groups > 1 and not native_gqa:
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        if q.device.type == "cpu":  # aten's CPU flash kernel runs far below the GEMM rate: see attention.py
+        if q.device.type == "cpu" and not torch.compiler.is_compiling():
+            # Eager CPU: aten's flash kernel runs far below the GEMM rate (attention.py); a compiled
+            # graph keeps SDPA, which the compiler lowers itself.
             out = blocked_attention(q, k, v, attention_mask)
         elif attention_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=native_gqa)
