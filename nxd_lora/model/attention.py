@@ -103,7 +103,8 @@ class _BlockedAttention(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         qg, kg, vg, out, mask = ctx.saved_tensors
         batch, heads, seq, dim = ctx.shape
-        kv_heads, groups = kg.shape[0] // batch, heads // (kg.shape[0] // batch)
+        kv_heads = kg.shape[0] // batch
+        groups = heads // kv_heads
         scale = dim ** -0.5
         dout = _grouped(grad, kv_heads)
         delta = (upcast(dout) * upcast(out)).sum(-1)  # rowsum(dO * O)

@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 
 from nxd_lora.parallel import state
-from nxd_lora.scratch import scratch
 from nxd_lora.parallel.mappings import all_reduce_tensor_model_parallel, copy_to_tensor_model_parallel_region
+from nxd_lora.scratch import scratch
 
 
 def _loss_and_logit_grad(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
