@@ -71,11 +71,12 @@ def test_gradcheck_in_float64(monkeypatch):
     assert torch.autograd.gradcheck(lambda q, k, v: blocked_attention(q, k, v, mask), leaves)
 
 
+@pytest.mark.parametrize("dim", [64, 128])  # 128: a scale that is not a power of two
 @pytest.mark.parametrize("masked", [False, True], ids=["causal", "documents"])
-def test_bfloat16_error_is_no_larger_than_sdpa_error(masked):
+def test_bfloat16_error_is_no_larger_than_sdpa_error(masked, dim):
     """Both against the float64 result from the same bf16 inputs: ours may round differently, not worse."""
     seq = 700
-    tensors, grad = _inputs(2, 9, 3, seq, 64, torch.bfloat16, seed=3)
+    tensors, grad = _inputs(2, 9, 3, seq, dim, torch.bfloat16, seed=3)
     mask = _doc_mask(2, seq, seed=3) if masked else None
     exact = _out_and_grads(_sdpa, [t.double() for t in tensors], grad.double(), mask)
     ours = _out_and_grads(blocked_attention, tensors, grad, mask)
@@ -85,6 +86,37 @@ def test_bfloat16_error_is_no_larger_than_sdpa_error(masked):
         err_sdpa = (b.double() - truth).norm() / truth.norm()
         assert err_ours < 1.5 * err_sdpa + 1e-4, f"{name}: relative error {err_ours:.2e} vs SDPA's {err_sdpa:.2e}"
         assert err_ours < 1e-2, name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dim", [64, 128])
+def test_scores_are_fp32_accurate(dtype, dim):
+    """The probabilities come from fp32 products of the inputs' exact values (on CPUs with bf16 units,
+    oneDNN multiplies bf16 operands for bf16 inputs): against float64 they are off by fp32 rounding,
+    not by a bf16 rounding of an operand (which costs ~1e-3 here), and the matmul precision setting
+    is as it was afterwards."""
+    precision = torch.backends.mkldnn.matmul.fp32_precision
+    seq = 200
+    (q, k, _), _ = _inputs(1, 3, 3, seq, dim, dtype, seed=5)
+    q32, k32 = q[0].float(), k[0].float()
+    probs = attention._probabilities(q32, k32, dtype == torch.bfloat16, dim ** -0.5, 0, seq, 1, None, 1)
+    scores = (q32.double() @ k32.double().transpose(1, 2)) * dim ** -0.5
+    causal = torch.ones(seq, seq, dtype=torch.bool).triu_(1)
+    exact = scores.masked_fill(causal, float("-inf")).softmax(-1)
+    assert (probs.double() - exact).abs().max() < 2e-5
+    assert torch.backends.mkldnn.matmul.fp32_precision == precision
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_blocked_attention_is_used_where_it_is_the_faster_kernel(amx, monkeypatch):
+    """Eager CPU: ours, except causal attention on CPUs with AMX (aten's flash kernel is faster there);
+    a document mask always stays ours (it skips the key blocks after the diagonal); never off the CPU."""
+    monkeypatch.setattr(attention, "_cpu_has_amx", lambda: amx)
+    q = torch.zeros(1, 2, 4, 8)
+    mask = torch.ones(1, 1, 4, 4, dtype=torch.bool).tril()
+    assert attention.use_blocked_attention(q, None) is not amx
+    assert attention.use_blocked_attention(q, mask)
+    assert not attention.use_blocked_attention(q.to("meta"), mask)
 
 
 def test_float_mask_is_refused():

@@ -49,6 +49,25 @@ def test_forward_is_the_plain_formula_and_backward_matches_autograd(dtype):
                                atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_backward_in_row_blocks_is_bit_identical_to_one_block(dtype, monkeypatch):
+    """The CPU backward runs a block of rows at a time: with blocks of 3 rows over 2 x 7 rows (a
+    short last block) and a non-contiguous incoming gradient, every bit equals the one-block result."""
+    from nxd_lora.model import ops
+
+    gen = torch.Generator().manual_seed(4)
+    gate_up = (torch.randn(2, 7, 48, generator=gen) * 3).to(dtype).requires_grad_()
+    grad = torch.randn(7, 2, 24, generator=gen).to(dtype).transpose(0, 1)
+    monkeypatch.setattr(ops, "_CPU_BLOCK_ELEMENTS", 10**9)
+    (whole,) = torch.autograd.grad(silu_mul(gate_up), gate_up, grad)
+    monkeypatch.setattr(ops, "_CPU_BLOCK_ELEMENTS", 3 * 48)
+    (blocked,) = torch.autograd.grad(silu_mul(gate_up), gate_up, grad)
+    assert torch.equal(blocked, whole)
+    gate, up = gate_up.detach().float().chunk(2, dim=-1)
+    plain = torch.cat([torch.ops.aten.silu_backward(grad.float() * up, gate), grad.float() * F.silu(gate)], -1)
+    assert torch.equal(blocked, plain.to(dtype))
+
+
 def test_only_the_input_is_kept_for_backward():
     """What makes these functions lean: one saved tensor the size of the input (plus rstd)."""
     x = torch.randn(4, 64, requires_grad=True)

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint as eager_checkpoint
 
 from checkpoint_tools.llama_config import LlamaConfig, check_tensor_parallel
 from nxd_lora import parallel
-from nxd_lora.model.attention import blocked_attention
+from nxd_lora.model.attention import blocked_attention, use_blocked_attention
 from nxd_lora.model.ops import rms_norm, silu_mul
 from nxd_lora.model.rope import RotaryEmbedding, apply_rotary
 
@@ -94,9 +94,7 @@ class Attention(nn.Module):
         if groups > 1 and not native_gqa:
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        if q.device.type == "cpu" and not torch.compiler.is_compiling():
-            # Eager CPU: aten's flash kernel runs far below the GEMM rate (attention.py); a compiled
-            # graph keeps SDPA, which the compiler lowers itself.
+        if use_blocked_attention(q, attention_mask):  # eager CPU, where it beats aten's kernel
             out = blocked_attention(q, k, v, attention_mask)
         elif attention_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=native_gqa)
