@@ -1,21 +1,21 @@
 """Causal GQA attention for eager CPU training, as block-wise matrix products.
 
-Why not always ``F.scaled_dot_product_attention`` on CPU: without AMX tiles its flash kernel runs
-at a fraction of the CPU's matmul rate (~50-100 GFLOP/s against ~380 for a bf16 GEMM on an AMD
-EPYC developer VM), and it was a third of a LoRA training step of the real demo model; and given a
-document mask it cannot skip the masked-out key blocks. ``use_blocked_attention`` says which of the
-two runs (with AMX, aten's kernel is the faster one for plain causal attention). Here the same softmax attention
-is computed as a few large batched GEMMs per block of query positions, skipping the key blocks
-that causality masks (blocks after the diagonal), with the element-wise work done in place on
-one score block at a time. Like the flash kernel, forward saves only its inputs and output,
+Why not always ``F.scaled_dot_product_attention`` on CPU: without AMX tiles its flash kernel
+runs at a fraction of the CPU's matmul rate (~50-100 GFLOP/s against ~380 for a bf16 GEMM on an
+AMD EPYC developer VM), and it was a third of a LoRA training step of the real demo model; and
+given a document mask it cannot skip the masked-out key blocks. ``use_blocked_attention`` says
+which of the two runs (with AMX, aten's kernel is the faster one for plain causal attention).
+Here the same softmax attention is computed as a few large batched GEMMs per block of query
+positions, skipping the key blocks that causality masks (blocks after the diagonal), with the
+element-wise work done in place on one score block at a time. Like the flash kernel, forward saves only its inputs and output,
 and backward recomputes the probabilities block by block, so the [seq, seq] matrix is never held
 for backward; each block's probabilities come from aten's fused softmax row kernel (about half the
 time of separate max, exp, sum and divide passes).
 
 Numerics follow the flash kernel: scores and probabilities are fp32 (the scores come from an
 fp32 product of the bf16 inputs, which is exact before accumulation; on CPUs with bf16 units
-oneDNN forms it from the bf16 values themselves, see ``_fp32_products_from_bf16_operands``), probabilities and
-their gradient are rounded to the input dtype only as GEMM operands, and
+oneDNN forms it from the bf16 values themselves, see ``_fp32_products_from_bf16_operands``),
+probabilities and their gradient are rounded to the input dtype only as GEMM operands, and
 the key/value gradients accumulate over query blocks in fp32. ``dO @ V^T - rowsum(dO * O)``
 comes out of one GEMM in the input dtype (the row sum enters as three extra columns, split so
 that they add up to its fp32 value), so its rounding is relative to the difference, as small as

@@ -58,9 +58,9 @@ class _SiluMul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (gate_up,) = ctx.saved_tensors
-        grad_gate_up = torch.empty_like(gate_up)
+        grad_gate_up = gate_up.new_empty(gate_up.shape)  # contiguous, whatever gate_up's strides
         width = gate_up.shape[-1]
-        rows = gate_up.view(-1, width), grad.reshape(-1, width // 2), grad_gate_up.view(-1, width)
+        rows = gate_up.reshape(-1, width), grad.reshape(-1, width // 2), grad_gate_up.view(-1, width)
         # On the CPU, a block of rows at a time: the fp32 temporaries of a block stay in the
         # core's cache (and in malloc's heap) instead of being full-size tensors streamed through
         # memory and faulted in afresh every layer (2.5x faster at the demo model's shapes).
