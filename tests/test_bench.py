@@ -33,15 +33,17 @@ def test_train_throughput_runs_both_implementations_and_trains(tmp_path):
 
 
 def test_cpu_side_by_side_runs_on_the_real_model_and_both_sides_agree(tmp_path, smollm2_hf):
-    """The CPU bench end to end at a tiny size: both implementations, TP=3 beside TP=1, the table.
+    """The CPU bench end to end at a small size: both implementations, TP=3 beside TP=1, the table.
 
     Real weights and the same text rows on every side, so the first losses (before any update)
-    must agree: HF + PEFT against ours at TP=1, and TP=3 against TP=1."""
+    must agree: HF + PEFT against ours at TP=1, and TP=3 against TP=1. 128 tokens, not fewer: two
+    bf16 attention kernels of equal accuracy (per layer 2.1e-3 vs SDPA's 1.8e-3 relative) moved the
+    mean loss of 31 tokens by up to 0.5% over 30 layers, of 127 tokens by 0.04%."""
     work = tmp_path / "work"
     work.mkdir()
     (work / "smollm2-135m-hf").symlink_to(smollm2_hf)  # the session's conversion, not a second one
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "cpu_side_by_side.py"), "--rounds", "1",
-                           "--steps", "2", "--warmup", "1", "--cases", "32x1", "--tp-cases", "32x1",
+                           "--steps", "2", "--warmup", "1", "--cases", "128x1", "--tp-cases", "128x1",
                            "--work", str(work)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {row["impl"]: row for row in map(json.loads, (ln for ln in proc.stdout.splitlines() if ln.startswith("{")))}
@@ -53,10 +55,10 @@ def test_cpu_side_by_side_runs_on_the_real_model_and_both_sides_agree(tmp_path, 
     assert math.isclose(rows["ours"]["first_loss"], rows["hf"]["first_loss"], rel_tol=1e-3)
     # TP=3 all-reduces the row-parallel layers' bf16 partial sums: bf16 rounding, not identity.
     assert math.isclose(rows["ours-tp"]["first_loss"], rows["ours-tp1"]["first_loss"], rel_tol=5e-3)
-    table = [ln for ln in proc.stdout.splitlines() if ln.startswith("| 32x1")]
+    table = [ln for ln in proc.stdout.splitlines() if ln.startswith("| 128x1")]
     assert len(table) == 4 and "x of HF" in table[1] and "x of TP=1" in table[3]
     # --profile: the top-ops table BENCHMARKS.md's profiles come from, on the same converted model.
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "cpu_side_by_side.py"), "--profile", "ours:32x1",
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "cpu_side_by_side.py"), "--profile", "ours:128x1",
                            "--steps", "1", "--warmup", "1", "--work", str(work)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -72,7 +72,12 @@ def _split3(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _cpu_has(*features: str) -> bool:
+    """Whether this CPU has any of ``features`` (cpuinfo's names, e.g. ``amx_tile``), as PyTorch
+    sees it: a dict of them in newer PyTorch (2.14), one function per feature in older (2.9)."""
     cpu = torch._C._cpu
+    if hasattr(cpu, "_get_cpu_capability"):
+        capability = cpu._get_cpu_capability()
+        return any(capability.get(name, False) for name in features)
     return any(getattr(cpu, f"_is_{name}_supported", lambda: False)() for name in features)
 
 
