@@ -36,7 +36,7 @@ import torch
 
 from nxd_lora.scratch import scratch
 
-from .ops import upcast
+from .ops import eager_cpu, upcast
 
 _BLOCK_ROWS = 384  # query rows (positions x heads per KV head) per score block: 3 MB of fp32 scores at seq 2048
 
@@ -100,9 +100,7 @@ def use_blocked_attention(q: torch.Tensor, attention_mask: torch.Tensor | None) 
     12.6 vs 15.3 ms at 2 x 512, 59 vs 76 ms at 2048, bf16); with a document mask it cannot skip
     the key blocks after the diagonal as ours does (98 vs 83 ms at 2048), so masks stay here.
     Without AMX (an AMD EPYC with AVX512-BF16, BENCHMARKS.md) ours was 1.2-2.1x faster."""
-    if q.device.type != "cpu" or torch.compiler.is_compiling():
-        return False
-    return attention_mask is not None or not _cpu_has_amx()
+    return eager_cpu(q) and (attention_mask is not None or not _cpu_has_amx())
 
 
 @contextmanager

@@ -14,6 +14,12 @@ import torch
 import torch.nn.functional as F
 
 
+def eager_cpu(x: torch.Tensor) -> bool:
+    """Whether ``x`` is being computed on by eager CPU kernels (not a compiled graph, whose compiler
+    fuses and tiles element-wise work itself): where hand-blocked loops pay."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def upcast(x: torch.Tensor) -> torch.Tensor:
     """At least fp32 (float64 stays float64, for gradcheck)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -66,17 +72,13 @@ class _SiluMul(torch.autograd.Function):
         # memory and faulted in afresh every layer (2.5x faster at the demo model's shapes).
         # Elsewhere one block of all rows: one kernel per pass on CUDA, one graph on XLA, and a
         # compiled graph, which its compiler fuses itself.
-        step = max(1, _CPU_BLOCK_ELEMENTS // width) if _blocked(gate_up) else max(1, rows[0].shape[0])
+        step = max(1, _CPU_BLOCK_ELEMENTS // width) if eager_cpu(gate_up) else max(1, rows[0].shape[0])
         for start in range(0, rows[0].shape[0], step):
             _silu_mul_grad(*(r[start:start + step] for r in rows))
         return grad_gate_up
 
 
 _CPU_BLOCK_ELEMENTS = 1 << 19  # gate_up elements per block of rows in the CPU backward: 2 MiB in fp32
-
-
-def _blocked(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _silu_mul_grad(gate_up: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> None:
