@@ -7,10 +7,10 @@ given a document mask it cannot skip the masked-out key blocks. ``use_blocked_at
 which of the two runs (with AMX, aten's kernel is the faster one for plain causal attention).
 Here the same softmax attention is computed as a few large batched GEMMs per block of query
 positions, skipping the key blocks that causality masks (blocks after the diagonal), with the
-element-wise work done in place on one score block at a time. Like the flash kernel, forward saves only its inputs and output,
-and backward recomputes the probabilities block by block, so the [seq, seq] matrix is never held
-for backward; each block's probabilities come from aten's fused softmax row kernel (about half the
-time of separate max, exp, sum and divide passes).
+element-wise work done in place on one score block at a time. Like the flash kernel, forward
+saves only its inputs and output, and backward recomputes the probabilities block by block, so
+the [seq, seq] matrix is never held for backward; each block's probabilities come from aten's
+fused softmax row kernel (about half the time of separate max, exp, sum and divide passes).
 
 Numerics follow the flash kernel: scores and probabilities are fp32 (the scores come from an
 fp32 product of the bf16 inputs, which is exact before accumulation; on CPUs with bf16 units
