@@ -18,6 +18,13 @@ import torch
 _buffers = threading.local()
 
 
+def eager_cpu(x: torch.Tensor) -> bool:
+    """Whether ``x`` is being computed on by eager CPU kernels: where scratch buffers and hand-blocked
+    loops pay. Not in a compiled graph, whose compiler fuses, tiles and allocates itself (a global
+    buffer written through views would only become one more mutated graph input)."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def scratch(role: str, dtype: torch.dtype, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """A contiguous ``shape`` view (uninitialised) of this thread's buffer for ``role``."""
     buffers = _buffers.__dict__.setdefault("by_key", {})

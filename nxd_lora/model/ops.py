@@ -13,11 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def eager_cpu(x: torch.Tensor) -> bool:
-    """Whether ``x`` is being computed on by eager CPU kernels (not a compiled graph, whose compiler
-    fuses and tiles element-wise work itself): where hand-blocked loops pay."""
-    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+from nxd_lora.scratch import eager_cpu
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:

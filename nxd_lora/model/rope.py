@@ -79,5 +79,10 @@ class _Rotary(torch.autograd.Function):
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` of shape [batch, heads, seq, head_dim] by cos/sin of shape [batch, seq, head_dim]
     (``RotaryEmbedding``'s, whose two halves are equal); the position tables take no gradient."""
+    if torch.compiler.is_compiling():
+        # The plain formula, which the compiler fuses itself: tracing the function's writes into
+        # halves of its result fails on PyTorch 2.9 once shapes turn dynamic (tests/test_compiled_cpu.py).
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos.unsqueeze(1) + torch.cat((-x2, x1), dim=-1) * sin.unsqueeze(1)
     half = cos.shape[-1] // 2
     return _Rotary.apply(x, cos[..., :half].unsqueeze(1), sin[..., :half].unsqueeze(1))

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from nxd_lora.parallel import state
 from nxd_lora.parallel.mappings import all_reduce_tensor_model_parallel, copy_to_tensor_model_parallel_region
-from nxd_lora.scratch import scratch
+from nxd_lora.scratch import eager_cpu, scratch
 
 
 def _loss_and_logit_grad(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
@@ -75,9 +75,9 @@ def _chunk_rows(vocab_per_rank: int, max_elements: int = CHUNK_ELEMENTS) -> int:
 
 
 def _fp32_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``(hidden @ weight.T).float()``; on the CPU into reused scratch buffers (a chunk's logits are
+    """``(hidden @ weight.T).float()``; on the eager CPU into reused scratch buffers (a chunk's logits are
     hundreds of MB, whose fresh pages cost more than the exp over them: see nxd_lora/scratch.py)."""
-    if hidden.device.type != "cpu":
+    if not eager_cpu(hidden):
         return (hidden @ weight.t()).float()
     shape = (hidden.shape[0], weight.shape[0])
     logits = torch.mm(hidden, weight.t(), out=scratch("loss.logits", hidden.dtype, shape, hidden.device))
@@ -87,8 +87,8 @@ def _fp32_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _as_dtype(grad_logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``grad_logits.to(dtype)``; on the CPU into the chunk's (now unused) low-precision logits buffer."""
-    if grad_logits.device.type != "cpu" or grad_logits.dtype == dtype:
+    """``grad_logits.to(dtype)``; on the eager CPU into the chunk's (now unused) low-precision logits buffer."""
+    if not eager_cpu(grad_logits) or grad_logits.dtype == dtype:
         return grad_logits.to(dtype)
     return scratch("loss.logits", dtype, grad_logits.shape, grad_logits.device).copy_(grad_logits)
 
