@@ -75,3 +75,14 @@ def smollm2_tp3(smollm2_hf, tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2") / "tp3"
     convert_to_nxd(smollm2_hf, out, 3, log=lambda _: None)
     return out
+
+
+@pytest.fixture
+def cpu_backend():
+    """The cpu backend set up for one process (TP=1), torn down after the test."""
+    from nxd_lora.backends import get_backend
+
+    backend = get_backend("cpu")
+    backend.setup(1)
+    yield backend
+    backend.teardown()

@@ -9,21 +9,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from checkpoint_tools.llama_config import LlamaConfig
 from conftest import LLAMA3_TINY
-from nxd_lora.backends import get_backend
 from nxd_lora.lora.config import LoraConfig
 from nxd_lora.lora.model import lora_parameters
 from nxd_lora.model.builder import build_model
 
 CONFIG = dict(LLAMA3_TINY, hidden_size=64, intermediate_size=160, num_hidden_layers=2)
 SEQ = 24
-
-
-@pytest.fixture
-def cpu_backend():
-    backend = get_backend("cpu")
-    backend.setup(1)
-    yield backend
-    backend.teardown()
 
 
 def _step(model, ids, mode):

@@ -1,30 +1,19 @@
 """``train.compile=true`` on the CPU backend: the training forward compiled with inductor (as
 ``LoraModule`` compiles it) traces through every custom piece of the model (the rotary, RMSNorm
-and SwiGLU autograd functions, the chunked loss and its scratch buffers) and gives eager's loss
-and LoRA gradients, for plain causal rows and for packed documents."""
+and SwiGLU autograd functions, the chunked loss) and gives eager's loss and LoRA gradients, for
+plain causal rows and for packed documents."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from checkpoint_tools.llama_config import LlamaConfig
 from conftest import LLAMA3_TINY
-from nxd_lora.backends import get_backend
 from nxd_lora.lora.config import LoraConfig
 from nxd_lora.lora.model import lora_parameters
 from nxd_lora.model.builder import build_model
 
 CONFIG = dict(LLAMA3_TINY, hidden_size=64, intermediate_size=160, num_hidden_layers=2)
-
-
-@pytest.fixture
-def cpu_backend():
-    backend = get_backend("cpu")
-    backend.setup(1)
-    yield backend
-    backend.teardown()
-    torch._dynamo.reset()
 
 
 def _loss_and_grads(forward, model, ids, document_ids):
