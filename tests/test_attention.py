@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from nxd_lora.model import attention
 from nxd_lora.model.attention import blocked_attention
 from nxd_lora.model.llama import document_attention_mask
+from nxd_lora.scratch import pooled
 
 
 def _inputs(batch, heads, kv_heads, seq, dim, dtype, seed=0):
@@ -50,9 +51,17 @@ def block_rows(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["kept", "recomputed"])
+def probabilities(request, monkeypatch):
+    """Backward reads the probabilities forward kept (up to ``KEEP_PROBS_MAX_SEQ``) or recomputes them."""
+    if request.param == "recomputed":
+        monkeypatch.setattr(attention, "KEEP_PROBS_MAX_SEQ", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4)])
 @pytest.mark.parametrize("masked", [False, True], ids=["causal", "documents"])
-def test_float64_output_and_gradients_equal_sdpa(heads, kv_heads, masked, block_rows):
+def test_float64_output_and_gradients_equal_sdpa(heads, kv_heads, masked, block_rows, probabilities):
     seq = 300  # not a multiple of any block size used here
     tensors, grad = _inputs(2, heads, kv_heads, seq, 16, torch.float64)
     mask = _doc_mask(2, seq) if masked else None
@@ -73,7 +82,7 @@ def test_gradcheck_in_float64(monkeypatch):
 
 @pytest.mark.parametrize("dim", [64, 128])  # 128: a scale that is not a power of two
 @pytest.mark.parametrize("masked", [False, True], ids=["causal", "documents"])
-def test_bfloat16_error_is_no_larger_than_sdpa_error(masked, dim):
+def test_bfloat16_error_is_no_larger_than_sdpa_error(masked, dim, probabilities):
     """Both against the float64 result from the same bf16 inputs: ours may round differently, not worse."""
     seq = 700
     tensors, grad = _inputs(2, 9, 3, seq, dim, torch.bfloat16, seed=3)
@@ -86,6 +95,48 @@ def test_bfloat16_error_is_no_larger_than_sdpa_error(masked, dim):
         err_sdpa = (b.double() - truth).norm() / truth.norm()
         assert err_ours < 1.5 * err_sdpa + 1e-4, f"{name}: relative error {err_ours:.2e} vs SDPA's {err_sdpa:.2e}"
         assert err_ours < 1e-2, name
+
+
+def _spy_on_pool(monkeypatch) -> list[int]:
+    sizes = []
+
+    def spy(dtype, numel, device):
+        sizes.append(numel)
+        return pooled(dtype, numel, device)
+
+    monkeypatch.setattr(attention, "pooled", spy)
+    return sizes
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["causal", "documents"])
+def test_kept_probabilities_give_the_bits_of_recomputed_ones(masked, monkeypatch):
+    """Keeping the rounded probabilities for backward removes work, not precision: backward's
+    products read the same rounded values either way. Kept only when a gradient will be taken."""
+    seq = 700
+    tensors, grad = _inputs(2, 9, 3, seq, 64, torch.bfloat16, seed=4)
+    mask = _doc_mask(2, seq, seed=4) if masked else None
+    kept_sizes = _spy_on_pool(monkeypatch)
+    kept = _out_and_grads(blocked_attention, tensors, grad, mask)
+    assert kept_sizes == [attention._kept_numel(2 * 3, seq, 3)]
+    monkeypatch.setattr(attention, "KEEP_PROBS_MAX_SEQ", seq - 1)
+    recomputed = _out_and_grads(blocked_attention, tensors, grad, mask)
+    with torch.no_grad():
+        blocked_attention(*tensors, mask)
+    assert len(kept_sizes) == 1  # neither beyond the limit nor without grad
+    for name, a, b in zip(["out", "dq", "dk", "dv"], kept, recomputed):
+        assert torch.equal(a, b), name
+
+
+def test_kept_probabilities_serve_a_second_backward():
+    tensors, grad = _inputs(1, 4, 2, 50, 8, torch.bfloat16, seed=6)
+    leaves = [t.requires_grad_() for t in tensors]
+    out = blocked_attention(*leaves)
+    first = torch.autograd.grad(out, leaves, grad, retain_graph=True)
+    other, other_grad = _inputs(1, 4, 2, 50, 8, torch.bfloat16, seed=7)  # takes pooled memory: not the kept one
+    _out_and_grads(blocked_attention, other, other_grad, None)
+    second = torch.autograd.grad(out, leaves, grad)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

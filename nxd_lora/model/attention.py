@@ -7,16 +7,20 @@ given a document mask it cannot skip the masked-out key blocks. ``use_blocked_at
 which of the two runs (with AMX, aten's kernel is the faster one for plain causal attention).
 Here the same softmax attention is computed as a few large batched GEMMs per block of query
 positions, skipping the key blocks that causality masks (blocks after the diagonal), with the
-element-wise work done in place on one score block at a time. Like the flash kernel, forward
-saves only its inputs and output, and backward recomputes the probabilities block by block, so
-the [seq, seq] matrix is never held for backward; each block's probabilities come from aten's
-fused softmax row kernel (about half the time of separate max, exp, sum and divide passes).
+element-wise work done in place on one score block at a time; each block's probabilities come
+from aten's fused softmax row kernel (about half the time of separate max, exp, sum and divide
+passes). For sequences up to ``KEEP_PROBS_MAX_SEQ`` forward keeps the probabilities it rounded
+for its value product (the blocks up to the diagonal only, in pooled memory) and backward reads
+them, instead of redoing the score products, softmax and rounding.
+Beyond that, like the flash kernel, forward saves only its inputs and output and backward
+recomputes the probabilities block by block, so the [seq, seq] matrix is never held.
 
 Numerics follow the flash kernel: scores and probabilities are fp32 (the scores come from an
 fp32 product of the bf16 inputs, which is exact before accumulation; on CPUs with bf16 units
 oneDNN forms it from the bf16 values themselves, see ``_fp32_products_from_bf16_operands``),
-probabilities and their gradient are rounded to the input dtype only as GEMM operands, and
-the key/value gradients accumulate over query blocks in fp32. ``dO @ V^T - rowsum(dO * O)``
+probabilities are rounded to the input dtype once, for the GEMMs of both passes; the score
+gradient P * (dP - delta) is formed from that rounded P and rounded once, as a GEMM operand;
+and the key/value gradients accumulate over query blocks in fp32. ``dO @ V^T - rowsum(dO * O)``
 comes out of one GEMM in the input dtype (the row sum enters as three extra columns, split so
 that they add up to its fp32 value), so its rounding is relative to the difference, as small as
 the flash kernel's fp32 subtraction after its fp32 product. Measured against float64 in
@@ -34,11 +38,16 @@ from contextlib import contextmanager
 
 import torch
 
-from nxd_lora.scratch import eager_cpu, scratch
+from nxd_lora.scratch import eager_cpu, pooled, scratch
 
 from .ops import upcast
 
 _BLOCK_ROWS = 384  # query rows (positions x heads per KV head) per score block: 3 MB of fp32 scores at seq 2048
+# Up to this many positions, forward keeps the probabilities (input dtype) for backward instead of
+# backward recomputing them. They cost about (seq + block positions) / 2 * heads values per token and
+# layer: at 2048 with 9 heads (128-position blocks) 19.6 KB in bf16, about what the rest of a
+# SmolLM2 layer saves; beyond, they grow with the length while the rest does not.
+KEEP_PROBS_MAX_SEQ = 2048
 
 
 def _grouped(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -149,9 +158,29 @@ def _probabilities(q32: torch.Tensor, k32: torch.Tensor, from_bf16: bool, scale:
     return torch.softmax(scores, -1, out=scores)  # aten's fused row kernel: 0.55x the time of max/exp/sum/div
 
 
+def _kept_numel(batch_kv: int, seq: int, groups: int) -> int:
+    return sum(batch_kv * (end - start) * groups * end for start, end in _blocks(seq, groups))
+
+
+def _probability_blocks(kept: torch.Tensor | None, batch_kv: int, seq: int, groups: int,
+                        dtype: torch.dtype, device: torch.device):
+    """(start, end, buffer) per block of query positions: where the block's probabilities, rounded to
+    the input dtype, are or go; consecutive slices of ``kept``, or one scratch buffer when not kept."""
+    offset = 0
+    for start, end in _blocks(seq, groups):
+        shape = (batch_kv, (end - start) * groups, end)
+        if kept is None:
+            yield start, end, scratch("attention.probs", dtype, shape, device)
+            continue
+        numel = shape[0] * shape[1] * shape[2]
+        yield start, end, kept[offset:offset + numel].view(shape)
+        offset += numel
+
+
 class _BlockedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                keep_probs: bool) -> torch.Tensor:
         batch, heads, seq, dim = q.shape
         kv_heads, groups = k.shape[1], heads // k.shape[1]
         scale = dim ** -0.5
@@ -159,17 +188,17 @@ class _BlockedAttention(torch.autograd.Function):
         kg, vg = k.reshape(batch * kv_heads, seq, dim), v.reshape(batch * kv_heads, seq, dim)
         q32, k32 = upcast(qg), upcast(kg)
         out = torch.empty_like(qg)
-        for start, end in _blocks(seq, groups):
-            probs = _probabilities(q32, k32, q.dtype == torch.bfloat16, scale, start, end, groups, mask, batch)
-            low = scratch("attention.probs", q.dtype, probs.shape, q.device).copy_(probs)
+        kept = pooled(q.dtype, _kept_numel(qg.shape[0], seq, groups), q.device) if keep_probs else None
+        for start, end, low in _probability_blocks(kept, qg.shape[0], seq, groups, q.dtype, q.device):
+            low.copy_(_probabilities(q32, k32, q.dtype == torch.bfloat16, scale, start, end, groups, mask, batch))
             torch.bmm(low, vg[:, :end], out=out[:, start * groups:end * groups])
-        ctx.save_for_backward(qg, kg, vg, out, mask)
+        ctx.save_for_backward(qg, kg, vg, out, mask, kept)
         ctx.shape = (batch, heads, seq, dim)
         return _ungrouped(out, batch, heads)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        qg, kg, vg, out, mask = ctx.saved_tensors
+        qg, kg, vg, out, mask, kept = ctx.saved_tensors
         batch, heads, seq, dim = ctx.shape
         kv_heads = kg.shape[0] // batch
         groups = heads // kv_heads
@@ -180,24 +209,25 @@ class _BlockedAttention(torch.autograd.Function):
         # difference, not to dP: [dO, -delta (3 terms)] @ [V, 1, 1, 1]^T.
         dout_aug = torch.cat([dout, _split3(-delta, dout.dtype)], dim=-1)
         v_aug = torch.cat([vg, vg.new_ones(vg.shape[:2] + (3,))], dim=-1)
-        q32, k32 = upcast(qg), upcast(kg)
+        if kept is None:
+            q32, k32 = upcast(qg), upcast(kg)
         dq = torch.empty_like(qg)
-        dk = torch.zeros(kg.shape, dtype=q32.dtype, device=kg.device)
+        dk = torch.zeros(kg.shape, dtype=torch.promote_types(kg.dtype, torch.float32), device=kg.device)
         dv = torch.zeros_like(dk)
-        for start, end in _blocks(seq, groups):
+        for start, end, low in _probability_blocks(kept, qg.shape[0], seq, groups, qg.dtype, qg.device):
+            if kept is None:
+                low.copy_(_probabilities(q32, k32, qg.dtype == torch.bfloat16, scale, start, end, groups, mask, batch))
             rows = slice(start * groups, end * groups)
-            probs = _probabilities(q32, k32, qg.dtype == torch.bfloat16, scale, start, end, groups, mask, batch)
-            low = scratch("attention.probs", grad.dtype, probs.shape, grad.device).copy_(probs)
             dv[:, :end] += torch.bmm(low.transpose(1, 2), dout[:, rows])
-            dp_minus_delta = torch.bmm(dout_aug[:, rows], v_aug[:, :end].transpose(1, 2),
-                                       out=scratch("attention.dp", grad.dtype, probs.shape, grad.device))
-            dscores = low.copy_(probs.mul_(dp_minus_delta))
+            # dS = P * (dP - delta), from the same rounded P that the value product used.
+            dscores = torch.bmm(dout_aug[:, rows], v_aug[:, :end].transpose(1, 2),
+                                out=scratch("attention.dp", grad.dtype, low.shape, grad.device)).mul_(low)
             torch.bmm(dscores, kg[:, :end], out=dq[:, rows])
             dk[:, :end] += torch.bmm(dscores.transpose(1, 2), qg[:, rows])
         dq = _ungrouped(dq.mul_(scale), batch, heads)
         dk = dk.mul_(scale).view(batch, kv_heads, seq, dim).to(kg.dtype)
         dv = dv.view(batch, kv_heads, seq, dim).to(vg.dtype)
-        return dq, dk, dv, None
+        return dq, dk, dv, None, None
 
 
 def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -210,4 +240,6 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     is): keys after a query block are never read. Every row must attend to at least one key."""
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         raise TypeError(f"attention_mask must be boolean, got {attention_mask.dtype}")
-    return _BlockedAttention.apply(q, k, v, attention_mask)
+    keep_probs = (q.shape[2] <= KEEP_PROBS_MAX_SEQ and torch.is_grad_enabled()
+                  and any(t.requires_grad for t in (q, k, v)))
+    return _BlockedAttention.apply(q, k, v, attention_mask, keep_probs)
