@@ -38,6 +38,11 @@ RUNS = [("ours", "none"), ("ours", "mlp"), ("ours", "full"), ("hf", "none"), ("h
 def measure(impl: str, mode: str, shape: dict, seq: int) -> tuple[float, float]:
     """(bytes kept for backward, FLOPs) of one training step on one row of ``seq`` tokens."""
     torch.manual_seed(0)
+    from nxd_lora.model import attention
+
+    # What a device's attention kernel keeps (q, k, v, output), not the eager CPU kernel's probabilities
+    # (kept up to KEEP_PROBS_MAX_SEQ positions, a CPU-only trade of memory for time).
+    attention.KEEP_PROBS_MAX_SEQ = 0
     step = _ours(shape, seq, 1, mode, "cpu") if impl == "ours" else _hf(shape, seq, 1, mode == "full", "cpu")
     weights = {p.untyped_storage().data_ptr() for p in step.model.parameters()}
     kept: dict[int, int] = {}
