@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
+from nxd_lora import scratch
 from nxd_lora.model import attention
 from nxd_lora.model.attention import blocked_attention
 from nxd_lora.model.llama import document_attention_mask
@@ -137,6 +139,35 @@ def test_kept_probabilities_serve_a_second_backward():
     second = torch.autograd.grad(out, leaves, grad)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+def test_activation_checkpointing_holds_one_layer_of_kept_probabilities(monkeypatch):
+    """Under non-reentrant checkpointing (``train.activation_checkpointing=full``) a layer's kept
+    probabilities are dropped after its forward and its recomputation, so the layers take turns with
+    one pooled buffer instead of each holding its own; the gradients are those without checkpointing."""
+    monkeypatch.setattr(scratch, "_free", {})
+    tensors, grad = _inputs(1, 4, 2, 64, 8, torch.bfloat16, seed=8)
+    free = scratch._free.setdefault((torch.bfloat16, torch.device("cpu")), [])
+
+    def three_layers(q, k, v, mask, wrap):
+        for _ in range(3):
+            q = wrap(lambda x: blocked_attention(x, k, v, mask), q)
+        return q
+
+    plain = _out_and_grads(lambda *a: three_layers(*a, lambda f, x: f(x)), tensors, grad, None)
+    assert len(free) == 3  # each layer held its own until backward
+    free.clear()
+    held = []
+
+    def checkpointed(f, x):
+        out = checkpoint(f, x, use_reentrant=False)
+        held.append(len(free))
+        return out
+
+    recomputed = _out_and_grads(lambda *a: three_layers(*a, checkpointed), tensors, grad, None)
+    assert held == [1, 1, 1] and len(free) == 1  # one buffer, free again after each layer
+    for name, a, b in zip(["out", "dq", "dk", "dv"], plain, recomputed):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
