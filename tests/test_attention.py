@@ -7,12 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from nxd_lora import scratch
 from nxd_lora.model import attention
 from nxd_lora.model.attention import blocked_attention
-from nxd_lora.model.llama import document_attention_mask
+from nxd_lora.model.llama import checkpoint, document_attention_mask
 from nxd_lora.scratch import pooled
 
 
@@ -142,9 +141,10 @@ def test_kept_probabilities_serve_a_second_backward():
 
 
 def test_activation_checkpointing_holds_one_layer_of_kept_probabilities(monkeypatch):
-    """Under non-reentrant checkpointing (``train.activation_checkpointing=full``) a layer's kept
-    probabilities are dropped after its forward and its recomputation, so the layers take turns with
-    one pooled buffer instead of each holding its own; the gradients are those without checkpointing."""
+    """Under the model's activation checkpointing (``train.activation_checkpointing=full``, non-reentrant
+    on eager devices) a layer's kept probabilities are dropped after its forward and its recomputation,
+    so the layers take turns with one pooled buffer instead of each holding its own; the gradients are
+    those without checkpointing."""
     monkeypatch.setattr(scratch, "_free", {})
     tensors, grad = _inputs(1, 4, 2, 64, 8, torch.bfloat16, seed=8)
     free = scratch._free.setdefault((torch.bfloat16, torch.device("cpu")), [])
@@ -160,7 +160,7 @@ def test_activation_checkpointing_holds_one_layer_of_kept_probabilities(monkeypa
     held = []
 
     def checkpointed(f, x):
-        out = checkpoint(f, x, use_reentrant=False)
+        out = checkpoint(f, x)
         held.append(len(free))
         return out
 
