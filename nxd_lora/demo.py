@@ -79,9 +79,10 @@ def random_hf_state(config: LlamaConfig, seed: int = 0) -> dict[str, torch.Tenso
     }
 
 
-def write_tiny_hf_model(directory: Path, seed: int = 0) -> Path:
-    """config.json + model.safetensors + original/tokenizer.model (Llama 3 format)."""
-    config = LlamaConfig.from_dict(TINY_CONFIG)
+def write_tiny_hf_model(directory: Path, seed: int = 0, **config_changes) -> Path:
+    """config.json + model.safetensors + original/tokenizer.model (Llama 3 format); ``config_changes``
+    replace values of ``TINY_CONFIG`` (e.g. ``num_attention_heads=8`` for TP 8)."""
+    config = LlamaConfig.from_dict(dict(TINY_CONFIG, **config_changes))
     directory.mkdir(parents=True, exist_ok=True)
     save_file(random_hf_state(config, seed), str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(dict(config.to_hf_dict(), torch_dtype="float32"), indent=2))

@@ -45,6 +45,8 @@ PINS: dict[str, tuple[str, tuple[str, ...]]] = {
     "libneuronxla": ("2.2", ("neuron",)),
     "lightning": ("2", ("cpu", "cuda", "neuron", "torchneuron", "xla")),
 }
+# The compiler and runtime: NxD's CPU mode (NXD_CPU_MODE=1) runs NxD's layers without them.
+UNUSED_IN_NXD_CPU_MODE = ("torch-neuronx", "neuronx-cc", "libneuronxla")
 # TorchNeuron: torch 2.13 or 2.14, and torch-neuronx of the same <major>.<minor> family.
 TORCHNEURON_TORCH = ("2.13", "2.14")
 TORCHNEURON_PYTHONS = ("3.12", "3.13", "3.14")
@@ -124,6 +126,16 @@ def neuron_core_count() -> tuple[int, str]:
     return 0, f"{how} and no /sys/devices/virtual/neuron_device"
 
 
+def nxd_cpu_mode() -> bool:
+    """NxD's CPU mode switch, read as ``neuronx_distributed.utils.cpu_mode`` reads it: NxD's layers
+    on CPU tensors over gloo, no compiler or NeuronCores (what the NxD conformance tests run)."""
+    try:
+        return int(os.environ.get("NXD_CPU_MODE", "0")) > 0
+    except ValueError:
+        raise ValueError(f"NXD_CPU_MODE={os.environ['NXD_CPU_MODE']!r}: expected an integer "
+                         "(1 turns NxD's CPU mode on, 0 off)") from None
+
+
 def neuron_platform() -> str:
     """trn1, trn2 or trn3: the instance type's family where the host names it (DMI), else ``trn2``
     where neuron-ls reports a logical NeuronCore config (trn2 and later only), else ``trn1``; the
@@ -152,7 +164,7 @@ def default_kv_layout() -> str:
     """The NxD checkpoint layout to write by default: this host's Trainium generation on a Neuron
     host, else trn1 (a CPU box converting for a cluster should say --target)."""
     devices, _ = neuron_devices()
-    return neuron_platform() if devices else "trn1"
+    return instances.layout_of_platform(neuron_platform()) if devices else "trn1"
 
 
 def host_memory_gib() -> float:
@@ -169,7 +181,10 @@ def examine(backend: str) -> tuple[list[Finding], dict[str, str]]:
     """Findings for ``backend`` and facts (python, SDK, cores, RAM) for the report."""
     python = f"{sys.version_info.major}.{sys.version_info.minor}"
     findings = torchneuron_findings(python) if backend == "torchneuron" else []
+    cpu_mode = backend == "neuron" and nxd_cpu_mode()
     for component, (prefix, fatal_for) in PINS.items():
+        if cpu_mode and component in UNUSED_IN_NXD_CPU_MODE:
+            fatal_for = ()
         if backend == "torchneuron" and component in ("torch", "torch-neuronx"):
             continue  # TorchNeuron's own pins, above
         relevant = backend in fatal_for or component in ("torch", "lightning")
@@ -187,7 +202,7 @@ def examine(backend: str) -> tuple[list[Finding], dict[str, str]]:
     cores, how = neuron_core_count()
     if backend == "neuron":
         findings.append(Finding("python", python, " or ".join(NEURON_PYTHONS), python in NEURON_PYTHONS, True))
-    if backend in ("neuron", "torchneuron"):
+    if backend in ("neuron", "torchneuron") and not cpu_mode:
         findings.append(Finding("NeuronCores", f"{cores} ({how})", "at least 1", cores > 0, True))
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         if cores and local > cores:

@@ -16,11 +16,13 @@ from nxd_lora.parallel import parallel_linear_cross_entropy
 
 
 def forward_backward(config_dict: dict, tp: int, hf_state: dict, input_ids: torch.Tensor, labels: torch.Tensor,
-                     fuse_qkv: bool, lora_kwargs: dict, hf_lora: dict | None = None, kv_layout: str = "trn1") -> dict:
+                     fuse_qkv: bool, lora_kwargs: dict, hf_lora: dict | None = None, kv_layout: str = "trn1",
+                     backend_name: str = "cpu", variants: bool = True) -> dict:
     """Base logits; then with LoRA applied: logits (gathered), loss, this rank's LoRA params and grads;
-    and loss + grads again from the chunked logits-free loss under each activation-checkpointing mode."""
+    and (``variants``) loss + grads again from the chunked logits-free loss under each
+    activation-checkpointing mode."""
     config = LlamaConfig.from_dict(config_dict)
-    backend = get_backend("cpu")
+    backend = get_backend(backend_name)
     backend.setup(tp, check_tensor_parallel(config, tp), kv_layout)
     try:
         model = build_model(config, backend, rank_state_from_hf(hf_state, config, backend, fuse_qkv), None, fuse_qkv)
@@ -45,7 +47,7 @@ def forward_backward(config_dict: dict, tp: int, hf_state: dict, input_ids: torc
         }
         # chunk=7 does not divide the 48 tokens: several chunks and a ragged last one.
         model._linear_cross_entropy = partial(parallel_linear_cross_entropy, chunk=7)
-        for mode in ("none", "mlp", "full"):
+        for mode in ("none", "mlp", "full") if variants else ():
             model.zero_grad(set_to_none=True)
             model.set_activation_checkpointing(mode)
             no_logits, loss = model(input_ids, labels=labels, return_logits=False)

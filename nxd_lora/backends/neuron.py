@@ -25,6 +25,12 @@ every backend runs; this backend hands them NxD's classes instead of our eager o
 
 Checkpoints are plain ``torch.save`` rank files in NxD's layout (``nxd.load_checkpoint``
 reads them); NxD's xser format is not written.
+
+NxD's own CPU mode (``NXD_CPU_MODE=1``: NxD's layers on CPU tensors, collectives over gloo) is
+honoured as NxD honours it: the backend then joins a gloo group, keeps tensors on the CPU, runs
+eager steps, and takes the platform (trn1/trn2: KV placement and kv-shared groups) from
+``torch_neuronx.utils.get_platform_target()``, the function NxD's own code paths ask. That is how
+the tests run this backend on NxD's real code without Trainium (``tests/nxd_cpu/``).
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ import torch.distributed as dist
 from checkpoint_tools.tp_layout import check_layout_matches
 from nxd_lora.backends.base import BackendUnavailable
 from nxd_lora.backends.xla import XlaBackend
-from nxd_lora.doctor import neuron_platform
+from nxd_lora.doctor import neuron_platform, nxd_cpu_mode
+from nxd_lora.instances import layout_of_platform
 
 NEURON_PIP_REPOSITORY = "https://pip.repos.neuron.amazonaws.com"
 NEURON_SDK = "2.28"
@@ -96,6 +103,7 @@ class NeuronBackend(XlaBackend):
 
     def __init__(self) -> None:
         self.torch_neuronx, self.nxd = import_neuron_stack()
+        self.cpu_mode = nxd_cpu_mode()
         super().__init__()
         importlib.import_module("torch_xla.distributed.xla_backend")  # registers dist backend "xla"
         self.xm = importlib.import_module("torch_xla.core.xla_model")
@@ -112,8 +120,9 @@ class NeuronBackend(XlaBackend):
         the checkpoint's ``kv_layout`` must be this platform's, or K/V gradients would be summed
         across ranks that hold different heads; that is refused here.
         """
-        platform = neuron_platform()  # runs neuron-ls: once
-        check_layout_matches(kv_layout, platform, tp_size, kv_size_multiplier, f"the checkpoint (on this {platform} host)")
+        platform = self.platform()
+        check_layout_matches(kv_layout, layout_of_platform(platform), tp_size, kv_size_multiplier,
+                             f"the checkpoint (on this {platform} host)")
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world % tp_size:
             raise ValueError(f"tp={tp_size} does not divide the world size {world} (WORLD_SIZE from the launcher)")
@@ -121,16 +130,39 @@ class NeuronBackend(XlaBackend):
         if self._owns_group:  # a group the caller made is the caller's to destroy
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # one process without torchrun
             os.environ.setdefault("MASTER_PORT", "29500")
-            dist.init_process_group("xla", init_method="xla://")
+            if self.cpu_mode:
+                os.environ.setdefault("RANK", "0")
+                os.environ.setdefault("WORLD_SIZE", "1")
+                dist.init_process_group("gloo", init_method="env://")
+            else:
+                dist.init_process_group("xla", init_method="xla://")
         self.parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size)
         self.kv_layout = kv_layout
+
+    def platform(self) -> str:
+        """trn1, trn2 or trn3: the host's (neuron-ls, DMI) on Neuron hardware; in NxD's CPU mode the
+        target NxD's own code follows, ``torch_neuronx.utils.get_platform_target()``."""
+        if self.cpu_mode:
+            return str(importlib.import_module("torch_neuronx.utils").get_platform_target())
+        return neuron_platform()  # runs neuron-ls: once
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu") if self.cpu_mode else super().device
+
+    def step_end(self) -> None:
+        if not self.cpu_mode:  # eager in CPU mode: no graph to cut
+            super().step_end()
 
     @property
     def layers(self) -> SimpleNamespace:
         return self._layers
 
     def barrier(self) -> None:
-        self.xm.rendezvous("nxd-lora")
+        if self.cpu_mode:
+            dist.barrier()
+        else:
+            self.xm.rendezvous("nxd-lora")
 
     def teardown(self) -> None:
         self.parallel_state.destroy_model_parallel()

@@ -28,7 +28,7 @@ from checkpoint_tools.staging import sweep_stale
 from checkpoint_tools.tp_layout import check_layout_matches
 from nxd_lora.backends import get_backend
 from nxd_lora.checkpointing import SAVE_MODES, planned_save_bytes
-from nxd_lora.doctor import check_stack, neuron_platform
+from nxd_lora.doctor import check_stack, neuron_platform, nxd_cpu_mode
 from nxd_lora.lora.model import describe_trainable, load_lora_state_dict
 from nxd_lora.model.builder import build_model
 from nxd_lora.plan import check_job, device_of_platform
@@ -78,6 +78,17 @@ def precompiling() -> bool:
     return os.environ.get("NEURON_EXTRACT_GRAPHS_ONLY", "") not in ("", "0")
 
 
+# NxD 0.17 (modules/qkv_linear_utils.py, _qkvlinear_autograd_base_setup_bwd) takes the frozen fused
+# weight as ``ctx.saved_tensors[:1]``, a tuple, and its backward then fails in ``matmul``: a LoRA run
+# over a fused-qkv base cannot backpropagate through NxD's GQA layer (tests/test_nxd_oracle.py shows it
+# with NxD's own layer). Split q/k/v weights take the path that works.
+NXD_FUSED_QKV_BACKWARD = (
+    "{base_tag}: the checkpoint has a fused qkv_proj.weight_qkv, and NxD 0.17's GQAQKVColumnParallelLinear "
+    "cannot backpropagate through a frozen fused qkv weight (its backward reads the saved weight as a tuple: "
+    "TypeError in matmul), so LoRA training on backend 'neuron' would fail at its first step. Re-lay it out with "
+    "split q/k/v weights: nxd-lora convert {root} NEW_CKPT --tp {tp} --target {layout} --no-fuse-qkv")
+
+
 def check_before_start(recipe: Recipe) -> tuple[Path, dict]:
     """Everything that can be refused before a process group or a model exists: save modes, the
     software stack, the base checkpoint's manifest, the architecture, TP x DP, the memory plan.
@@ -94,6 +105,9 @@ def check_before_start(recipe: Recipe) -> tuple[Path, dict]:
     if recipe.model.kv_layout:
         check_layout_matches(manifest["kv_layout"], recipe.model.kv_layout, cfg.tp, manifest["kv_size_multiplier"],
                              f"{base_tag} (the recipe's model.kv_layout is {recipe.model.kv_layout})")
+    if cfg.backend == "neuron" and manifest["fuse_qkv"]:
+        raise ValueError(NXD_FUSED_QKV_BACKWARD.format(base_tag=base_tag, root=recipe.model.checkpoint, tp=cfg.tp,
+                                                       layout=manifest["kv_layout"]))
     check_job(recipe, manifest_config(manifest, base_tag), int(os.environ.get("WORLD_SIZE", "1")), str(base_tag),
               device=trainium_device(cfg.backend))
     return base_tag, manifest
@@ -102,8 +116,8 @@ def check_before_start(recipe: Recipe) -> tuple[Path, dict]:
 def trainium_device(backend: str) -> str | None:
     """The plan's device for this host on a Trainium backend: its platform, at the LNC the runtime is
     told to use (``NEURON_LOGICAL_NC_CONFIG``, trn2); None on other backends."""
-    if backend not in ("neuron", "torchneuron"):
-        return None
+    if backend not in ("neuron", "torchneuron") or (backend == "neuron" and nxd_cpu_mode()):
+        return None  # no NeuronCore to plan for (NxD's CPU mode runs on host memory)
     lnc = os.environ.get("NEURON_LOGICAL_NC_CONFIG", "")
     return device_of_platform(neuron_platform(), int(lnc) if lnc.isdigit() else None)
 

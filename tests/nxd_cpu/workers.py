@@ -1,0 +1,97 @@
+"""Functions run on spawned ranks with NxD's own code in its CPU mode (importable by name)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def use_nxd(platform: str) -> None:
+    """Make this process run NxD's own code for ``platform`` (trn1|trn2)."""
+    os.environ["NXD_LORA_TEST_PLATFORM"] = platform
+    import harness
+
+    harness.install()
+
+
+def run_jobs(platform: str | None, jobs: list[tuple[str, tuple]]) -> list:
+    """Each ``(function name, args)`` of ``jobs`` in turn on this rank (functions of this module or of
+    ``tp_workers``), on NxD's code for ``platform`` when given: one process start (and one NxD import)
+    for several checks, since that start is most of a small check's time."""
+    if platform:
+        use_nxd(platform)
+    import tp_workers
+
+    return [(globals().get(name) or getattr(tp_workers, name))(*args) for name, args in jobs]
+
+
+def train_command(overrides: list[str]) -> dict:
+    """What ``nxd-lora train`` runs on each rank."""
+    from nxd_lora.train.config import load_recipe
+    from nxd_lora.train.run import train
+
+    os.environ["NXD_LORA_NO_BAR"] = "1"
+    return train(load_recipe(None, overrides))
+
+
+def nxd_loads_our_base(base_dir: str, input_ids: torch.Tensor) -> dict:
+    """Our model on NxD's layers, its weights read by NxD's own ``load_checkpoint(strict=True)``
+    from our converted checkpoint; the gathered logits."""
+    from neuronx_distributed.trainer.checkpoint import load_checkpoint
+
+    from checkpoint_tools.nxd_format import BASE_TAG, check_manifest, manifest_config
+    from nxd_lora.backends import get_backend
+    from nxd_lora.model.builder import build_model
+
+    manifest = check_manifest(f"{base_dir}/{BASE_TAG}")
+    backend = get_backend("neuron")
+    backend.setup(manifest["tp"], manifest["kv_size_multiplier"], manifest["kv_layout"])
+    try:
+        model = build_model(manifest_config(manifest, f"{base_dir}/{BASE_TAG}"), backend, None, None,
+                            fuse_qkv=manifest["fuse_qkv"])
+        with torch.no_grad():
+            for param in model.parameters():
+                param.fill_(float("nan"))  # every weight must come from the checkpoint
+        load_checkpoint(base_dir, BASE_TAG, model=model, strict=True)
+        with torch.no_grad():
+            logits, _ = model(input_ids, gather_logits=True)
+        return {"logits": logits, "keys": sorted(model.state_dict())}
+    finally:
+        backend.teardown()
+
+
+def nxd_fused_qkv_backward(fuse_qkv: bool) -> str:
+    """Backward through NxD's own GQA layer with its weights frozen (the base of a LoRA run), TP 1:
+    'ok', or the error NxD raises."""
+    import torch.distributed as dist
+    from neuronx_distributed.modules.qkv_linear import GQAQKVColumnParallelLinear
+    from neuronx_distributed.parallel_layers import parallel_state
+
+    dist.init_process_group("gloo")
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+    try:
+        layer = GQAQKVColumnParallelLinear(16, [16, 8], bias=False, gather_output=False, fuse_qkv=fuse_qkv)
+        layer.requires_grad_(False)
+        x = torch.randn(2, 3, 16, requires_grad=True)  # a later layer's input: its gradient is needed
+        q, k, v = layer(x)
+        try:
+            (q.sum() + k.sum() + v.sum()).backward()
+        except TypeError as err:
+            return f"TypeError: {err}"
+        return "ok"
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def refusal_before_start(overrides: list[str]) -> str:
+    """The error ``nxd-lora train`` gives before any work for this recipe ('' if none)."""
+    from nxd_lora.train.config import load_recipe
+    from nxd_lora.train.run import check_before_start
+
+    try:
+        check_before_start(load_recipe(None, overrides))
+    except ValueError as err:
+        return str(err)
+    return ""
