@@ -84,3 +84,27 @@ def test_the_platform_is_read_from_neuron_ls(tmp_path, monkeypatch):
     assert doctor.neuron_platform() == "trn1" and doctor.neuron_core_count() == (32, "neuron-ls -j")
     monkeypatch.setenv("PATH", f"{trn2}:{system}")
     assert doctor.neuron_platform() == "trn2" and doctor.neuron_core_count() == (64, "neuron-ls -j")
+
+
+def test_a_trn3_host_converts_to_the_trn2_layout_by_default(tmp_path, monkeypatch):
+    """trn3 is a platform, not a checkpoint layout: its NxD layout is trn2's (instances.PLATFORM_LAYOUT)."""
+    trn2 = nxd_standins.write_neuron_ls(tmp_path / "trn2", 64, cores_per_device=4, logical_neuroncore_config=2)
+    monkeypatch.setenv("PATH", f"{trn2}:{__import__('os').environ['PATH']}")
+    monkeypatch.setattr(doctor.instances, "this_instance_type", lambda: "trn3.48xlarge")
+    assert doctor.neuron_platform() == "trn3"
+    assert doctor.default_kv_layout() == "trn2"
+
+
+def test_nxds_cpu_mode_needs_no_compiler_or_neuroncores(monkeypatch):
+    """NXD_CPU_MODE=1 (NxD's own switch) runs NxD's layers on CPU tensors: the compiler, runtime and
+    NeuronCores stop being fatal for backend 'neuron'; NxD itself still is."""
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setenv("NXD_CPU_MODE", "1")
+    findings = {f.component: f for f in doctor.examine("neuron")[0]}
+    assert "NeuronCores" not in findings and "neuronx-cc" not in findings
+    assert findings["neuronx-distributed"].fatal
+    monkeypatch.setenv("NXD_CPU_MODE", "0")
+    assert "NeuronCores" in {f.component for f in doctor.examine("neuron")[0]}
+    monkeypatch.setenv("NXD_CPU_MODE", "yes")
+    with pytest.raises(ValueError, match="NXD_CPU_MODE='yes': expected an integer"):
+        doctor.nxd_cpu_mode()
