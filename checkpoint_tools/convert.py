@@ -108,12 +108,13 @@ def convert_to_nxd(
     memory_budget: int = 3 << 29,  # 1.5 GiB: Llama-3-8B to TP=32 peaks at 1.9 GiB RSS
     log: Callable[[str], None] = print,
     target: str = "trn1",
+    source_layout: str | None = None,
 ) -> dict:
     """Convert a Meta, HF, GGUF or NxD checkpoint into ``<dst>/pretrained_weight/model/*.pt`` + manifest,
     laid out for ``target`` (trn1 or trn2, see ``tp_layout``), with the source's tokenizer files in
     ``<dst>/`` (where ``train`` looks for them by default)."""
     check_kv_layout(target, "--target")
-    source = open_source(src, config)
+    source = open_source(src, config, source_layout)
     cfg = source.config
     kvm = check_tensor_parallel(cfg, tp)
     check_hf_shapes(source.shapes, cfg, source=str(source.path))
@@ -239,10 +240,11 @@ def convert_source_to_hf(
     config: LlamaConfig | None = None,
     max_shard_bytes: int = 2 << 30,
     log: Callable[[str], None] = print,
+    source_layout: str | None = None,
 ) -> None:
     """Write any readable source (GGUF, Meta, HF) as an HF model directory: sharded safetensors +
     index, config.json, tokenizer files and generation_config.json. One layer in memory at a time."""
-    source = open_source(src, config)
+    source = open_source(src, config, source_layout)
     cfg = source.config
     check_hf_shapes(source.shapes, cfg, source=str(source.path))
     out_dtype = DTYPES[dtype] if dtype else source.dtype

@@ -19,7 +19,7 @@ def litter_lines(path: Path) -> list[str]:
             for place in places for item in find_litter(place)]
 
 
-def inspect_path(path: str | Path, verify: bool = False) -> tuple[str, list[str]]:
+def inspect_path(path: str | Path, verify: bool = False, config=None, source_layout: str | None = None) -> tuple[str, list[str]]:
     """(human-readable report, problems). Problems are only looked for with ``verify``; staging
     directories left in or beside the checkpoint are listed either way."""
     try:
@@ -49,13 +49,16 @@ def inspect_path(path: str | Path, verify: bool = False) -> tuple[str, list[str]
         if verify and not problems:
             lines.append("  verified: every file matches its size and sha256")
         return "\n".join(lines + litter_lines(tag_dir)), problems
-    source = open_source(path)
+    source = open_source(path, config, source_layout)
     params = sum(torch.Size(s).numel() for s in source.shapes.values())
     lines = [
         f"{source.format} checkpoint {source.path}",
         f"  dtype={str(source.dtype).removeprefix('torch.')} parameters={params:,}",
         "  config: " + json.dumps(source.config.to_hf_dict(), sort_keys=True),
     ]
+    if getattr(source, "kv_placement", None):  # written by NxD itself
+        lines.append(f"  tp={source.tp} kv_layout={source.kv_layout} (query heads) kv_placement={source.kv_placement}"
+                     " (K/V heads)")
     if getattr(source, "tensor_types", None):
         lines.append("  tensor types: " + ", ".join(f"{k} x{v}" for k, v in sorted(source.tensor_types.items())))
     return "\n".join(lines + litter_lines(Path(path))), []

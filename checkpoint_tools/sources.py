@@ -26,7 +26,7 @@ from safetensors import safe_open
 
 from checkpoint_tools.atomic_io import read_json
 from checkpoint_tools.llama_config import LlamaConfig
-from checkpoint_tools.nxd_source import is_nxd_checkpoint, open_nxd_source
+from checkpoint_tools.nxd_source import foreign_nxd_tag, is_nxd_checkpoint, open_foreign_nxd_source, open_nxd_source
 from checkpoint_tools.source_base import (  # re-exported: the names importers know this module by
     CheckpointError,
     Source,
@@ -305,10 +305,11 @@ def _gguf_source(path: Path, config: LlamaConfig | None) -> Source:
     return GGUFSource(path, config)
 
 
-def open_source(path: str | Path, config: LlamaConfig | None = None) -> Source:
+def open_source(path: str | Path, config: LlamaConfig | None = None, source_layout: str | None = None) -> Source:
     """Detect the checkpoint format under ``path`` and return a lazy source.
 
     ``config`` overrides the config found beside the weights (config.json or params.json).
+    ``source_layout`` is the layout of an NxD-written checkpoint (one without our manifest).
     """
     path = Path(path)
     if not path.exists():
@@ -320,7 +321,15 @@ def open_source(path: str | Path, config: LlamaConfig | None = None) -> Source:
     if is_nxd_checkpoint(path):
         if config is not None:
             raise CheckpointError(f"{path}: an NxD checkpoint carries its config in its manifest; --config does not apply")
+        if source_layout is not None:
+            raise CheckpointError(f"{path}: an nxd-lora checkpoint records its layout in its manifest; "
+                                  "--source-layout is for checkpoints written by NxD itself")
         return open_nxd_source(path)
+    if foreign_nxd_tag(path) is not None:
+        return open_foreign_nxd_source(path, config, source_layout)
+    if source_layout is not None:
+        raise CheckpointError(f"{path}: --source-layout applies to an NxD checkpoint (<tag>/model/dp_rank_00_tp_rank_"
+                              "00_pp_rank_00.pt), and this is not one")
     hf_layouts = (
         ("model.safetensors.index.json", SafetensorsSource),
         ("model.safetensors", SafetensorsSource),

@@ -230,6 +230,14 @@ def unshard_o_cols(parts: list[torch.Tensor], n_kv: int, layout: str = "trn1") -
     return _undo_query_group_order(parts, n_kv, 1, layout)
 
 
+def kv_placement_of(parts: list[torch.Tensor], n_kv: int) -> list[str]:
+    """The layouts whose K/V replica groups hold equal tensors in ``parts`` (one K or V weight per
+    TP rank, replicated heads): ['trn1'], ['trn2'], both (nothing replicated, or one KV head) or none."""
+    tp = len(parts)
+    return [layout for layout in KV_LAYOUTS
+            if all(torch.equal(parts[r], parts[group[0]]) for group in kv_shared_ranks(tp, n_kv, layout) for r in group)]
+
+
 def unshard_kv_rows(parts: list[torch.Tensor], n_kv: int, name: str = "kv", atol: float = 0.0,
                     layout: str = "trn1") -> torch.Tensor:
     """Rebuild K or V rows, checking that every replica of a KV head matches."""
@@ -249,8 +257,12 @@ def unshard_kv_rows(parts: list[torch.Tensor], n_kv: int, name: str = "kv", atol
 
 
 def unshard_to_hf(ranks: list[dict[str, torch.Tensor]], config: LlamaConfig,
-                  layout: str = "trn1") -> dict[str, torch.Tensor]:
-    """Rebuild the full HF state dict from NxD rank state dicts (checks KV replicas are equal)."""
+                  layout: str = "trn1", kv_placement: str | None = None) -> dict[str, torch.Tensor]:
+    """Rebuild the full HF state dict from NxD rank state dicts (checks KV replicas are equal).
+
+    ``kv_placement`` (default: ``layout``) is where the K/V heads sit, when a checkpoint places them
+    unlike its query heads: NxD 0.17's converter writes trn2 query order with trn1's K/V placement."""
+    kv_layout = kv_placement or layout
     tp, n_kv = len(ranks), config.num_key_value_heads
     check_tensor_parallel(config, tp)
     out: dict[str, torch.Tensor] = {}
@@ -272,11 +284,12 @@ def unshard_to_hf(ranks: list[dict[str, torch.Tensor]], config: LlamaConfig,
             split = [p.split([q_rows, kv_rows, kv_rows]) for p in parts]
             out[prefix + "self_attn.q_proj.weight"] = unshard_q_rows([s[0] for s in split], n_kv, layout)
             for i, name in ((1, "k"), (2, "v")):
-                out[prefix + f"self_attn.{name}_proj.weight"] = unshard_kv_rows([s[i] for s in split], n_kv, key, layout=layout)
+                out[prefix + f"self_attn.{name}_proj.weight"] = unshard_kv_rows([s[i] for s in split], n_kv, key,
+                                                                                layout=kv_layout)
         elif sub == "self_attn.qkv_proj.weight_q":
             out[prefix + "self_attn.q_proj.weight"] = unshard_q_rows(parts, n_kv, layout)
         elif sub in ("self_attn.qkv_proj.weight_k", "self_attn.qkv_proj.weight_v"):
-            out[prefix + f"self_attn.{sub[-1]}_proj.weight"] = unshard_kv_rows(parts, n_kv, key, layout=layout)
+            out[prefix + f"self_attn.{sub[-1]}_proj.weight"] = unshard_kv_rows(parts, n_kv, key, layout=kv_layout)
         elif sub == "self_attn.o_proj.weight":
             out[key] = unshard_o_cols(parts, n_kv, layout)
         elif sub == "mlp.gate_up_proj.weight":

@@ -40,11 +40,11 @@ def _convert(args: argparse.Namespace) -> int:
         if args.target:
             raise ValueError("--target lays out NxD shards: it needs --tp (or use --retarget on an NxD checkpoint)")
         convert_source_to_hf(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, config=config,
-                             max_shard_bytes=int(args.max_shard_gb * 2**30))
+                             max_shard_bytes=int(args.max_shard_gb * 2**30), source_layout=args.source_layout)
         return 0
     convert_to_nxd(args.src, args.dst, args.tp, fuse_qkv=bool(args.fuse_qkv), dtype=args.dtype,
                    overwrite=args.overwrite, config=config, memory_budget=int(args.memory_budget_gb * 2**30),
-                   target=args.target or default_kv_layout())
+                   target=args.target or default_kv_layout(), source_layout=args.source_layout)
     return 0
 
 
@@ -68,7 +68,10 @@ def _export(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from checkpoint_tools.inspect import inspect_path
 
-    report, problems = inspect_path(args.path, verify=args.verify)
+    from checkpoint_tools.llama_config import LlamaConfig
+
+    config = LlamaConfig.from_json(args.config) if args.config else None
+    report, problems = inspect_path(args.path, verify=args.verify, config=config, source_layout=args.source_layout)
     print(report)
     for problem in problems:
         print(f"PROBLEM: {problem}", file=sys.stderr)
@@ -141,6 +144,8 @@ def _sagemaker(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from checkpoint_tools.nxd_source import FOREIGN_LAYOUTS, NXD_CONVERTER_TRN2
+
     parser = argparse.ArgumentParser(prog="nxd-lora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="fine-tune SmolLM2-135M-Instruct end to end: GGUF -> HF -> NxD TP=3, LoRA on "
@@ -173,7 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="re-lay out an NxD checkpoint for the other platform (same tp and qkv fusion unless "
                               "given), without going through HF files")
     convert.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], help="output dtype (default: the source's)")
-    convert.add_argument("--config", help="HF config.json to use instead of the one found beside the weights")
+    convert.add_argument("--config", help="HF config.json to use instead of the one found beside the weights (needed "
+                                          "for a checkpoint written by NxD itself, which records no config)")
+    convert.add_argument("--source-layout", choices=list(FOREIGN_LAYOUTS),
+                         help="layout of a SRC written by NxD itself (its converter's --hw_backend; "
+                              f"{NXD_CONVERTER_TRN2}: NxD 0.17's converter output for trn2, whose K/V heads it "
+                              "placed as on trn1); needed only where KV heads are replicated")
     convert.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     convert.add_argument("--memory-budget-gb", type=float, default=1.5,
                          help="rank shards being built plus being written at once (default 1.5)")
@@ -229,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="describe a checkpoint (any supported format); --verify checks sha256")
     inspect.add_argument("path")
     inspect.add_argument("--verify", action="store_true", help="recompute sizes and sha256 against the manifest")
+    inspect.add_argument("--config", help="HF config.json of a checkpoint written by NxD itself (no manifest)")
+    inspect.add_argument("--source-layout", choices=list(FOREIGN_LAYOUTS),
+                         help="layout of a checkpoint written by NxD itself (as for convert)")
     inspect.set_defaults(func=_inspect)
     return parser
 

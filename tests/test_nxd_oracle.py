@@ -15,6 +15,8 @@ train command.
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,8 +28,11 @@ sys.path.insert(0, str(Path(__file__).parent / "nxd_cpu"))
 import harness  # noqa: E402
 from checkpoint_tools.convert import convert_to_nxd  # noqa: E402
 from checkpoint_tools.llama_config import LlamaConfig  # noqa: E402
+from checkpoint_tools.nxd_source import NXD_CONVERTER_TRN2  # noqa: E402
+from checkpoint_tools.sources import CheckpointError  # noqa: E402
 from checkpoint_tools.tp_layout import unshard_lora_state_dict  # noqa: E402
 from conftest import LLAMA3_TINY, hf_state_dict, make_hf_model  # noqa: E402
+from nxd_lora.cli import main  # noqa: E402
 from nxd_lora.demo import write_tiny_hf_model  # noqa: E402
 from nxd_lora.local_launch import spawn_ranks  # noqa: E402
 from test_tp_equivalence import NXD_TARGETS, peft_reference, random_hf_lora  # noqa: E402
@@ -39,6 +44,17 @@ QUIET = dict(log=lambda message: None)
 EIGHT_HEADS_TWO_KV = dict(LLAMA3_TINY, num_attention_heads=8)  # TP 8: kv_size_multiplier 4
 ATOL = 2e-5  # fp32: two implementations of the same sums in different orders
 PLATFORMS = ("trn1", "trn2")
+
+
+def run_nxd_converter(root: Path, layout: str) -> None:
+    """NxD 0.17's ``examples/training/llama/convert_checkpoints.py`` on ``root/full.pt`` at TP 8 / kvm 4
+    for ``layout``, into ``root/nxd-conv-<layout>/pretrained_weight`` (AWS's Llama LoRA tutorial's flags)."""
+    script = Path(harness.nxd_source()).parent / "examples" / "training" / "llama" / "convert_checkpoints.py"
+    subprocess.run([str(Path(__file__).parent / "nxd_cpu" / "run"), sys.executable, str(script), "--tp_size", "8",
+                    "--qkv_linear", "1", "--kv_size_multiplier", "4", "--convert_from_full_state",
+                    "--config", str(root / "hf" / "config.json"), "--input_dir", str(root / "full.pt"),
+                    "--output_dir", str(root / f"nxd-conv-{layout}" / "pretrained_weight"), "--hw_backend", layout],
+                   check=True, capture_output=True, env={**os.environ, "NXD_LORA_TEST_PLATFORM": layout}, cwd=root)
 
 
 def train_overrides(root: Path, layout: str, backend: str, out: Path) -> list[str]:
@@ -69,6 +85,12 @@ def runs(tmp_path_factory):
     # the demo's tiny model (its tokenizer, the bundled data) with 8 heads, for the train command
     write_tiny_hf_model(root / "tiny-hf", num_attention_heads=8)
     lora = dict(lora_rank=4, lora_alpha=8, target_modules=NXD_TARGETS)
+    # NxD's own converter, as AWS's Llama tutorial runs it, for both platforms
+    torch.save(state, root / "full.pt")
+    for layout in PLATFORMS:
+        run_nxd_converter(root, layout)
+    main(["convert", str(root / "nxd-conv-trn2"), str(root / "repaired-trn2"), "--tp", "8", "--target", "trn2",
+          "--config", str(root / "hf" / "config.json"), "--source-layout", NXD_CONVERTER_TRN2])
     results = {}
     for layout in PLATFORMS:
         for fuse in (False, True):
@@ -76,13 +98,18 @@ def runs(tmp_path_factory):
                            fuse_qkv=fuse, **QUIET)
         convert_to_nxd(root / "tiny-hf", root / f"tiny-tp8-{layout}", 8, target=layout, **QUIET)
         fb_args = (EIGHT_HEADS_TWO_KV, 8, state, input_ids, labels, False, lora, hf_lora, layout)
-        nxd_jobs = [("nxd_loads_our_base", (str(root / f"tp8-{layout}-split"), input_ids)),
-                    ("nxd_loads_our_base", (str(root / f"tp8-{layout}-fused"), input_ids)),
+        load = [(str(root / f"tp8-{layout}-split"), False), (str(root / f"tp8-{layout}-fused"), True),
+                (str(root / f"nxd-conv-{layout}"), False)] + ([(str(root / "repaired-trn2"), False)] if layout == "trn2" else [])
+        nxd_jobs = [*(("nxd_loads_base", (ckpt, EIGHT_HEADS_TWO_KV, fuse, layout, input_ids)) for ckpt, fuse in load),
                     ("forward_backward", (*fb_args, "neuron", False)),
                     ("train_command", (train_overrides(root, layout, "neuron", root / f"run-{layout}-neuron"),))]
         cpu_jobs = [("forward_backward", (*fb_args, "cpu", False)),
                     ("train_command", (train_overrides(root, layout, "cpu", root / f"run-{layout}-cpu"),))]
-        results[layout] = dict(nxd=spawn_ranks(run_jobs, 8, layout, nxd_jobs), cpu=spawn_ranks(run_jobs, 8, None, cpu_jobs))
+        nxd = spawn_ranks(run_jobs, 8, layout, nxd_jobs)
+        results[layout] = dict(nxd=[dict(zip(["split", "fused", "nxd-conv", *(["repaired"] if layout == "trn2" else []),
+                                              "forward_backward", "train"], rank)) for rank in nxd],
+                               cpu=[dict(zip(["forward_backward", "train"], rank))
+                                    for rank in spawn_ranks(run_jobs, 8, None, cpu_jobs)])
     return dict(root=root, results=results, base_logits=base_logits, ref_logits=ref_logits, ref_loss=ref_loss)
 
 
@@ -92,7 +119,7 @@ def test_nxds_load_checkpoint_reads_our_base_strictly_and_gives_transformers_log
     """Our converted base, read by NxD's own ``load_checkpoint(strict=True)`` (no missing or
     unexpected key) into our model on NxD's layers on that layout's platform: transformers' logits."""
     for rank in runs["results"][layout]["nxd"]:
-        loaded = rank[1 if fused else 0]
+        loaded = rank["fused" if fused else "split"]
         torch.testing.assert_close(loaded["logits"], runs["base_logits"], atol=ATOL, rtol=0)
         assert any(k.endswith("qkv_proj.weight_qkv" if fused else "qkv_proj.weight_k") for k in loaded["keys"])
 
@@ -101,8 +128,8 @@ def test_nxds_load_checkpoint_reads_our_base_strictly_and_gives_transformers_log
 def test_our_model_and_lora_on_nxds_layers_at_tp8_kvm4(runs, layout):
     """Logits and loss equal peft's; every LoRA gradient (K/V lora_B replicas included, summed by
     NxD's kv-shared groups) equals the cpu backend's at the same TP."""
-    nxd = [rank[2] for rank in runs["results"][layout]["nxd"]]
-    cpu = [rank[0] for rank in runs["results"][layout]["cpu"]]
+    nxd = [rank["forward_backward"] for rank in runs["results"][layout]["nxd"]]
+    cpu = [rank["forward_backward"] for rank in runs["results"][layout]["cpu"]]
     for rank in nxd:
         torch.testing.assert_close(rank["logits"], runs["ref_logits"], atol=ATOL, rtol=0)
         torch.testing.assert_close(rank["loss"], runs["ref_loss"], atol=ATOL, rtol=0)
@@ -118,7 +145,7 @@ def test_our_model_and_lora_on_nxds_layers_at_tp8_kvm4(runs, layout):
 def test_neuron_backend_trains_at_tp8_kvm4_to_the_cpu_backends_lora(runs, layout):
     """``nxd-lora train`` with ``train.backend=neuron`` on NxD's process groups, GQA layer and parallel
     cross entropy: the same losses and the same trained adapter (PEFT export) as ``train.backend=cpu``."""
-    nxd, cpu = runs["results"][layout]["nxd"][0][3], runs["results"][layout]["cpu"][0][1]
+    nxd, cpu = runs["results"][layout]["nxd"][0]["train"], runs["results"][layout]["cpu"][0]["train"]
     assert nxd["steps"] == cpu["steps"] == 3
     assert nxd["losses"] == pytest.approx(cpu["losses"], rel=1e-5)
     assert nxd["val"]["val/loss"] == pytest.approx(cpu["val"]["val/loss"], rel=1e-5)
@@ -147,3 +174,57 @@ def test_nxds_gqa_layer_cannot_backpropagate_a_frozen_fused_qkv_and_train_refuse
     assert "cannot backpropagate through a frozen fused qkv weight" in refusal, refusal
     assert f"nxd-lora convert {tmp_path / 'fused'} NEW_CKPT --tp 1 --target trn1 --no-fuse-qkv" in refusal
     assert cpu_refusal == ""  # our own GQA layer trains a fused base
+
+
+def test_nxds_converter_writes_our_trn1_layout_and_its_trn2_bug_is_detected_and_repaired(runs, capsys):
+    """NxD's own converter (AWS's tutorial flags, TP 8 / kvm 4): its trn1 output is ours tensor for
+    tensor and reads back to the HF weights. Its trn2 output has our (and NxD's runtime's) query order
+    but trn1's K/V placement (bug: repeat instead of repeat_interleave), so on NxD's own trn2 runtime it
+    gives wrong logits; ``convert``/``inspect`` name the bug and the one command that repairs it, whose
+    output is our trn2 conversion and gives transformers' logits on that runtime."""
+    root = runs["root"]
+
+    def rank_files(directory):
+        return [torch.load(directory / "pretrained_weight" / "model" / f"dp_rank_00_tp_rank_{r:02d}_pp_rank_00.pt",
+                           weights_only=True) for r in range(8)]
+
+    for layout in PLATFORMS:
+        nxd, ours = rank_files(root / f"nxd-conv-{layout}"), rank_files(root / f"tp8-{layout}-split")
+        for rank, (theirs, mine) in enumerate(zip(nxd, ours)):
+            assert theirs.keys() == mine.keys()
+            differ = sorted(k for k in mine if not torch.equal(theirs[k], mine[k]))
+            if layout == "trn1" or rank % 2 == rank // 4:  # the KV head this rank holds in both placements
+                assert differ == [], (layout, rank, differ)
+            else:
+                assert differ and all(k.endswith(("weight_k", "weight_v")) for k in differ), (rank, differ)
+    for rank in runs["results"]["trn1"]["nxd"]:
+        torch.testing.assert_close(rank["nxd-conv"]["logits"], rank["split"]["logits"], atol=0, rtol=0)
+    for rank in runs["results"]["trn2"]["nxd"]:
+        assert not torch.allclose(rank["nxd-conv"]["logits"], runs["base_logits"], atol=1e-2)  # the bug, on NxD
+        torch.testing.assert_close(rank["repaired"]["logits"], runs["base_logits"], atol=ATOL, rtol=0)
+    for repaired, mine in zip(rank_files(root / "repaired-trn2"), rank_files(root / "tp8-trn2-split")):
+        assert all(torch.equal(repaired[k], mine[k]) for k in mine)
+
+    config = ["--config", str(root / "hf" / "config.json")]
+    nxd_trn2 = str(root / "nxd-conv-trn2")
+    capsys.readouterr()
+    assert main(["inspect", nxd_trn2, *config]) == 2
+    assert "pass --source-layout trn1 or trn2" in capsys.readouterr().err
+    assert main(["inspect", nxd_trn2, *config, "--source-layout", "trn2"]) == 2
+    err = capsys.readouterr().err
+    assert "NxD 0.17's checkpoint_converter.py --hw_backend trn2" in err
+    assert f"nxd-lora convert {nxd_trn2} FIXED --tp 8 --target trn2 --config CONFIG_JSON --source-layout " \
+           f"{NXD_CONVERTER_TRN2}" in err
+    assert main(["inspect", nxd_trn2, *config, "--source-layout", NXD_CONVERTER_TRN2]) == 0
+    assert "kv_layout=trn2 (query heads) kv_placement=trn1 (K/V heads)" in capsys.readouterr().out
+    assert main(["inspect", str(root / "nxd-conv-trn1"), *config, "--source-layout", "trn2"]) == 2
+    assert main(["inspect", str(root / "nxd-conv-trn1")]) == 2  # no config: NxD records none
+    assert "pass --config CONFIG_JSON" in capsys.readouterr().err
+    # trn1: NxD's converter output reads back to the HF weights exactly
+    main(["convert", str(root / "nxd-conv-trn1"), str(root / "back-to-hf"), *config, "--source-layout", "trn1"])
+    back = load_file(root / "back-to-hf" / "model.safetensors") if (root / "back-to-hf" / "model.safetensors").exists() \
+        else {k: v for f in (root / "back-to-hf").glob("*.safetensors") for k, v in load_file(f).items()}
+    original = torch.load(root / "full.pt", weights_only=True)
+    assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in original)
+    with pytest.raises(CheckpointError, match="--source-layout applies to an NxD checkpoint"):
+        convert_to_nxd(root / "hf", root / "never", 8, source_layout="trn2", **QUIET)

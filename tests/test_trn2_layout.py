@@ -191,11 +191,14 @@ def test_a_mismatched_layout_is_refused_everywhere(hf_dirs, tmp_path, monkeypatc
     # the neuron backend on a trn2 host: refused before it joins a process group (its first check)
     import nxd_lora.backends.neuron as neuron
 
-    monkeypatch.setattr(neuron, "neuron_platform", lambda: "trn2")
+    on_trn2 = __import__("types").SimpleNamespace(platform=lambda: "trn2")  # no cpu_mode: fails past the check
     with pytest.raises(ValueError, match=r"on this trn2 host\): KV layout trn1, but trn2 is needed"):
-        neuron.NeuronBackend.setup(object(), 4, 2, "trn1")
-    with pytest.raises(AttributeError):  # kvm 1: same bytes in both layouts, so past the check (then fails on object())
-        neuron.NeuronBackend.setup(object(), 4, 1, "trn1")
+        neuron.NeuronBackend.setup(on_trn2, 4, 2, "trn1")
+    with pytest.raises(AttributeError):  # kvm 1: same bytes in both layouts, so past the check (then fails)
+        neuron.NeuronBackend.setup(on_trn2, 4, 1, "trn1")
+    on_trn3 = __import__("types").SimpleNamespace(platform=lambda: "trn3")  # trn3 trains the trn2 layout
+    with pytest.raises(ValueError, match=r"on this trn3 host\): KV layout trn1, but trn2 is needed"):
+        neuron.NeuronBackend.setup(on_trn3, 4, 2, "trn1")
     # plan: a trn1 recipe on trn2, a trn2 recipe on trn1
     configs = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs"
     capsys.readouterr()

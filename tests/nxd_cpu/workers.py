@@ -35,25 +35,25 @@ def train_command(overrides: list[str]) -> dict:
     return train(load_recipe(None, overrides))
 
 
-def nxd_loads_our_base(base_dir: str, input_ids: torch.Tensor) -> dict:
-    """Our model on NxD's layers, its weights read by NxD's own ``load_checkpoint(strict=True)``
-    from our converted checkpoint; the gathered logits."""
+def nxd_loads_base(root: str, config_dict: dict, fuse_qkv: bool, kv_layout: str, input_ids: torch.Tensor) -> dict:
+    """Our model on NxD's layers, its weights read by NxD's own ``load_checkpoint(root, "pretrained_weight",
+    strict=True)`` (from our converter's output or NxD's); the gathered logits."""
     from neuronx_distributed.trainer.checkpoint import load_checkpoint
 
-    from checkpoint_tools.nxd_format import BASE_TAG, check_manifest, manifest_config
+    from checkpoint_tools.llama_config import LlamaConfig, check_tensor_parallel
     from nxd_lora.backends import get_backend
     from nxd_lora.model.builder import build_model
 
-    manifest = check_manifest(f"{base_dir}/{BASE_TAG}")
+    config = LlamaConfig.from_dict(config_dict)
+    tp = int(os.environ["WORLD_SIZE"])
     backend = get_backend("neuron")
-    backend.setup(manifest["tp"], manifest["kv_size_multiplier"], manifest["kv_layout"])
+    backend.setup(tp, check_tensor_parallel(config, tp), kv_layout)
     try:
-        model = build_model(manifest_config(manifest, f"{base_dir}/{BASE_TAG}"), backend, None, None,
-                            fuse_qkv=manifest["fuse_qkv"])
+        model = build_model(config, backend, None, None, fuse_qkv=fuse_qkv)
         with torch.no_grad():
             for param in model.parameters():
                 param.fill_(float("nan"))  # every weight must come from the checkpoint
-        load_checkpoint(base_dir, BASE_TAG, model=model, strict=True)
+        load_checkpoint(root, "pretrained_weight", model=model, strict=True)
         with torch.no_grad():
             logits, _ = model(input_ids, gather_logits=True)
         return {"logits": logits, "keys": sorted(model.state_dict())}
