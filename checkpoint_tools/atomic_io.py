@@ -17,6 +17,7 @@ from typing import IO, Iterator
 
 import torch
 
+from checkpoint_tools.diskspace import torch_write_failure_as_enospc
 from checkpoint_tools.faults import file_written
 
 
@@ -39,7 +40,8 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
 
 
 def torch_save(state: dict, path_or_handle) -> None:
-    """``torch.save``, then free the reference cycle it leaves around the saved storages.
+    """``torch.save``, then free the reference cycle it leaves around the saved storages. A write that
+    fails on a full filesystem raises ``OSError(ENOSPC)`` naming the file (torch's own error has no errno).
 
     torch.save's pickler leaves a cycle that keeps every saved tensor alive until the next
     full garbage collection, which in a loop of big saves comes far too late: converting
@@ -51,8 +53,15 @@ def torch_save(state: dict, path_or_handle) -> None:
     """
     from torch.utils.serialization import config
 
-    with config.patch({"save.compute_crc32": False}):
-        torch.save(state, path_or_handle)
+    try:
+        with config.patch({"save.compute_crc32": False}):
+            torch.save(state, path_or_handle)
+    except RuntimeError as err:
+        path = path_or_handle if isinstance(path_or_handle, (str, os.PathLike)) else path_or_handle.name
+        full = torch_write_failure_as_enospc(err, path)
+        if full is None:
+            raise
+        raise full from err
     gc.collect()
 
 

@@ -57,12 +57,39 @@ def require_free_space(path: str | Path, nbytes: int, what: str) -> None:
                                            f"{_size(free)} free; nothing was written")
 
 
+# safetensors' writer reports the OS error only in its message.
+_FULL_DISK_TEXT = ("No space left on device", "Disk quota exceeded", "(os error 28)", "(os error 122)")
+# torch.save's zip writer fails a short write with a RuntimeError that carries no errno
+# ("[enforce fail at inline_container.cc:...] unexpected pos ..." or "PytorchStreamWriter failed writing file").
+_TORCH_WRITE_FAILURE = ("inline_container.cc", "PytorchStreamWriter failed writing")
+# Below this much space left where a torch.save just failed, the filesystem is taken as full.
+FULL_BELOW_BYTES = 1 << 20
+
+
 def is_out_of_space(err: BaseException) -> bool:
-    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+    """ENOSPC/EDQUOT, as an OSError or in the message of a writer that reports it as text (safetensors)."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    return any(text in str(err) for text in _FULL_DISK_TEXT)
 
 
-def out_of_space_error(err: OSError, destination: Path, what: str) -> DiskSpaceError:
+def torch_write_failure_as_enospc(err: RuntimeError, path: str | Path) -> OSError | None:
+    """``OSError(ENOSPC)`` for a ``torch.save`` that failed writing ``path`` because its filesystem is
+    full (checked now, while the partial file still holds the space), else None: torch's error carries
+    no errno, so without this a full disk would reach the user as an internal-looking RuntimeError."""
+    if not any(text in str(err) for text in _TORCH_WRITE_FAILURE):
+        return None
+    probe = Path(path).absolute().parent
+    while not probe.exists():
+        probe = probe.parent
+    if shutil.disk_usage(probe).free >= FULL_BELOW_BYTES:
+        return None
+    return OSError(errno.ENOSPC, f"No space left on device (torch.save: {err})", str(path))
+
+
+def out_of_space_error(err: BaseException, destination: Path, what: str) -> DiskSpaceError:
     """The error for ENOSPC midway: says which file failed and that nothing else was changed."""
-    return DiskSpaceError(errno.ENOSPC, f"{destination}: the disk filled up while writing {what} "
-                                        f"({err.filename or 'a file'}: {err.strerror}); the partial output was "
-                                        f"removed and {destination} is as it was before")
+    detail = f"{getattr(err, 'filename', None) or 'a file'}: {getattr(err, 'strerror', None) or err}"
+    return DiskSpaceError(errno.ENOSPC, f"{destination}: the disk filled up while writing {what} ({detail}); the "
+                                        f"partial output was removed and {destination} is as it was before. Free "
+                                        "space there (or write elsewhere) and run the command again")
