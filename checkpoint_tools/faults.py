@@ -10,6 +10,8 @@ reads ``NXD_LORA_FAULT`` (comma-separated ``key=value``), for example::
                                                       "step_4", on global rank 1 only
     NXD_LORA_FAULT=action=enospc,after=2               the 2nd file's write fails with ENOSPC
     NXD_LORA_FAULT=action=free,bytes=1000000           the disk-space preflight sees 1 MB free
+    NXD_LORA_FAULT=action=kill,at=swapped              SIGKILL at a named point between two renames
+                                                      (``point_reached``: claimed, swapped)
 
 Unset (the normal case) it costs one environment lookup per file. It exists so that the crash
 matrix in ``tests/test_crash_matrix.py`` can stop a real command at every point it cares about,
@@ -47,7 +49,7 @@ def _applies_here(spec: dict[str, str]) -> bool:
 def file_written(path: str | Path) -> None:
     """Count one finished output file; kill or fail here if the fault spec says so."""
     spec = _spec()
-    if spec.get("action") not in ("kill", "enospc") or not _applies_here(spec):
+    if spec.get("action") not in ("kill", "enospc") or "at" in spec or not _applies_here(spec):
         return
     if spec.get("path") and spec["path"] not in str(path):
         return
@@ -57,6 +59,14 @@ def file_written(path: str | Path) -> None:
     if spec["action"] == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     raise OSError(errno.ENOSPC, "No space left on device (injected by NXD_LORA_FAULT)", str(path))
+
+
+def point_reached(name: str) -> None:
+    """A named point of a writer with no file to count (between two renames): SIGKILL here if the
+    fault spec says ``action=kill,at=<name>``."""
+    spec = _spec()
+    if spec.get("action") == "kill" and spec.get("at") == name and _applies_here(spec):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def fake_free_bytes() -> int | None:

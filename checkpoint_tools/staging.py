@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from checkpoint_tools.faults import point_reached
+
 OWNER_FILE = ".nxd-lora-owner.json"
 STAGING_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)(-[A-Za-z0-9_]+)?$")
 UNOWNED_GRACE_SECONDS = 60.0  # a staging directory has no owner record only between mkdir and the next write
@@ -171,6 +173,24 @@ def find_litter(parent: Path) -> list[Litter]:
     return found
 
 
+def stray_owner_records(parent: Path) -> list[Path]:
+    """Owner records of gone owners inside published (non-staging) directories of ``parent``: what a
+    crash leaves between ``replace_directory``'s claim of the old version and the swap, or between the
+    swap and the removal of the new version's record. The version there is complete either way."""
+    try:
+        entries = sorted(Path(parent).iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = []
+    for path in entries:
+        if STAGING_NAME.match(path.name) or not path.is_dir() or path.is_symlink():
+            continue
+        owner = read_owner(path)
+        if owner is not None and owner.status() == "gone":
+            found.append(path / OWNER_FILE)
+    return found
+
+
 def tree_bytes(path: Path) -> int:
     total = 0
     for root, _, files in os.walk(path):
@@ -190,6 +210,10 @@ def sweep_stale(parent: Path, log: Callable[[str], None] = print) -> int:
     the crash hit between the two renames, and it is the last complete version.
     """
     freed = 0
+    for published in stray_owner_records(parent):
+        published.unlink(missing_ok=True)
+        log(f"nxd-lora: removed {published}, an owner record left in a published output by a run that crashed "
+            "while swapping it in (the output itself is complete)")
     for item in find_litter(parent):
         if not item.stale:
             continue
@@ -241,17 +265,21 @@ def replace_directory(staging: Path, destination: Path) -> None:
     if destination.exists():
         if destination.is_dir():
             claim(destination)
+            point_reached("claimed")  # killed here: the published version holds our owner record
         if _exchange(staging, destination):
+            point_reached("swapped")  # killed here: the new version holds our owner record
             (destination / OWNER_FILE).unlink(missing_ok=True)
             _remove(staging)
             return
         old = destination.with_name(f".{destination.name}.old-{secrets.token_hex(4)}")
         os.replace(destination, old)
         os.replace(staging, destination)
+        point_reached("swapped")
         (destination / OWNER_FILE).unlink(missing_ok=True)
         _remove(old)
     else:
         os.replace(staging, destination)
+        point_reached("swapped")
         (destination / OWNER_FILE).unlink(missing_ok=True)
 
 

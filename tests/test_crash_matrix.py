@@ -25,7 +25,7 @@ import torch
 
 from checkpoint_tools.faults import ENV
 from checkpoint_tools.nxd_format import BASE_TAG, complete_tags, rank_path, read_manifest, require_verified
-from checkpoint_tools.staging import find_litter
+from checkpoint_tools.staging import OWNER_FILE, find_litter
 from nxd_lora.demo import write_tiny_hf_model
 from nxd_lora.local_launch import free_port
 
@@ -189,6 +189,27 @@ def test_export_killed(tiny_tp2, uninterrupted, kind, point):
     assert files_of(dst) == before
     assert_clean_success(run(args), dst)
     assert files_of(dst) == before  # the same export again, bit for bit
+
+
+@pytest.mark.parametrize("point", ["claimed", "swapped"])
+def test_export_killed_between_the_renames_leaves_a_complete_output_and_the_next_run_drops_the_owner_record(
+        tiny_tp2, uninterrupted, point):
+    """The two points of ``replace_directory`` with no file to count: after the published version is
+    claimed (before the swap), and after the swap (before the new version's owner record is removed).
+    The destination is complete either way (this export is the same bits each time); the record of the
+    dead run left in it is removed by the next writer's sweep, saying so."""
+    dst = tiny_tp2 / "export_windows"
+    args = [*CLI, "export", str(uninterrupted / "final" / "base_adapter"), str(dst), "--overwrite"]
+    if not dst.exists():
+        assert run(args).returncode == 0
+    before = files_of(dst)
+    done = run(args, f"action=kill,at={point}")
+    assert done.returncode != 0
+    after = files_of(dst)
+    assert after.pop(OWNER_FILE) and after == before  # complete, plus the dead run's owner record
+    done = run(args)
+    assert done.returncode == 0 and "an owner record left in a published output" in done.stdout + done.stderr
+    assert files_of(dst) == before and litter_under(dst) == []
 
 
 # --- convert: ENOSPC midway, the preflight, a flipped byte -------------------------------------------
