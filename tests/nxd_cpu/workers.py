@@ -95,3 +95,23 @@ def refusal_before_start(overrides: list[str]) -> str:
     except ValueError as err:
         return str(err)
     return ""
+
+
+def recorded_signature_mismatches() -> list[str]:
+    """Where ``tests/nxd_standins.py``'s recorded NxD signatures differ from NxD's real ones (names and
+    defaults), in a process that imports NxD through the harness."""
+    import importlib
+
+    import nxd_standins
+
+    mismatches = []
+    for module_name, stubs in nxd_standins.RECORDED.items():
+        module = importlib.import_module(module_name)
+        for stub in stubs:
+            real = nxd_standins.real_signature(getattr(module, stub.__name__))
+            recorded = nxd_standins.recorded_signature(stub)
+            got = [(p.name, p.default) for p in real.parameters.values()]
+            want = [(p.name, p.default) for p in recorded.parameters.values()]
+            if got != want:
+                mismatches.append(f"{module_name}.{stub.__name__}: NxD {got} != recorded {want}")
+    return mismatches
