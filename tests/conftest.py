@@ -70,10 +70,22 @@ def smollm2_hf(smollm2_gguf, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_tp3(smollm2_hf, tmp_path_factory):
+    """smollm2_hf converted to TP=3 (separate q/k/v), the demo's checkpoint. Read-only: a test that
+    writes into it works on a copy."""
     from checkpoint_tools.convert import convert_to_nxd
 
     out = tmp_path_factory.mktemp("smollm2") / "tp3"
     convert_to_nxd(smollm2_hf, out, 3, log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_tp3_fused(smollm2_hf, tmp_path_factory):
+    """smollm2_hf converted to TP=3 with a fused qkv_proj (the CPU bench's checkpoint). Read-only."""
+    from checkpoint_tools.convert import convert_to_nxd
+
+    out = tmp_path_factory.mktemp("smollm2") / "tp3-fused"
+    convert_to_nxd(smollm2_hf, out, 3, fuse_qkv=True, log=lambda _: None)
     return out
 
 

@@ -13,6 +13,9 @@ from nxd_lora.lora.config import LoraConfig
 from nxd_lora.lora.model import lora_parameters
 from nxd_lora.model.builder import build_model
 
+# torch.utils.checkpoint's non-reentrant early stop and the FLOP counter's counts are PyTorch's internals.
+pytestmark = pytest.mark.torch_version
+
 CONFIG = dict(LLAMA3_TINY, hidden_size=64, intermediate_size=160, num_hidden_layers=2)
 SEQ = 24
 

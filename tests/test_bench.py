@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
 
 
 def test_train_throughput_runs_both_implementations_and_trains(tmp_path):
@@ -47,7 +50,8 @@ def _fp32_loss_of_bench_rows(hf_dir: Path, seq: int) -> float:
         return float(model(ids, labels=ids).loss)
 
 
-def test_cpu_side_by_side_runs_on_the_real_model_and_both_sides_agree(tmp_path, smollm2_hf):
+@pytest.mark.torch_version
+def test_cpu_side_by_side_runs_on_the_real_model_and_both_sides_agree(tmp_path, smollm2_hf, smollm2_tp3_fused):
     """The CPU bench end to end at a small size: both implementations, TP=3 beside TP=1, the table.
 
     Real weights and the same text rows on every side, so the first losses (before any update)
@@ -58,7 +62,8 @@ def test_cpu_side_by_side_runs_on_the_real_model_and_both_sides_agree(tmp_path, 
     1.05e-3 apart there). 128 tokens, not fewer: 31 tokens moved by up to 0.5%."""
     work = tmp_path / "work"
     work.mkdir()
-    (work / "smollm2-135m-hf").symlink_to(smollm2_hf)  # the session's conversion, not a second one
+    (work / "smollm2-135m-hf").symlink_to(smollm2_hf)  # the session's conversions, not second ones
+    (work / "smollm2-135m-tp3-fused").symlink_to(smollm2_tp3_fused)  # the bench converts only TP=1 itself
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "cpu_side_by_side.py"), "--rounds", "1",
                            "--steps", "2", "--warmup", "1", "--cases", "128x1", "--tp-cases", "128x1",
                            "--work", str(work)], capture_output=True, text=True, timeout=900)

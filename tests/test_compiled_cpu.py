@@ -5,6 +5,7 @@ plain causal rows and for packed documents."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from checkpoint_tools.llama_config import LlamaConfig
@@ -12,6 +13,9 @@ from conftest import LLAMA3_TINY
 from nxd_lora.lora.config import LoraConfig
 from nxd_lora.lora.model import lora_parameters
 from nxd_lora.model.builder import build_model
+
+# dynamo/inductor: failed on PyTorch 2.9 only (4a08816); what dynamo traces differs by version (dd94072).
+pytestmark = [pytest.mark.torch_version, pytest.mark.slow]
 
 CONFIG = dict(LLAMA3_TINY, hidden_size=64, intermediate_size=160, num_hidden_layers=2)
 

@@ -63,6 +63,7 @@ def test_kv_size_multiplier(tp, n_kv, kvm):
     assert kv_size_multiplier_for(tp, n_kv) == kvm
 
 
+@pytest.mark.smoke
 def test_llama3_8b_shards_over_32_ranks():
     cfg = LlamaConfig.from_dict(dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8))

@@ -192,6 +192,7 @@ def _logits_from_rank_files(ckpt: str, tp: int, input_ids: torch.Tensor) -> dict
 
 
 @pytest.mark.parametrize("tp, fuse_qkv, layout", [(2, True, "trn1"), (4, False, "trn1"), (4, True, "trn2")])
+@pytest.mark.slow
 def test_converted_shards_load_into_our_model_and_give_hf_logits(llama3, tmp_path, tp, fuse_qkv, layout):
     model, root = llama3
     convert_to_nxd(root / "sharded", tmp_path / "nxd", tp, fuse_qkv=fuse_qkv, target=layout, **QUIET)
@@ -286,6 +287,7 @@ def test_manifest_mismatch_and_corruption_are_detected(llama3, tmp_path):
     assert main(["inspect", str(tmp_path / "nxd"), "--verify"]) == 1
 
 
+@pytest.mark.smoke
 def test_cli_round_trip_and_errors(llama3, tmp_path, capsys):
     _, root = llama3
     assert main(["convert", str(root / "sharded"), str(tmp_path / "nxd"), "--tp", "2", "--no-fuse-qkv"]) == 0

@@ -106,6 +106,7 @@ def test_packing_keeps_every_token_and_beats_padding(llama3_tok):
         assert len(starts) >= int(row["document_ids"].max())  # positions restart per document
 
 
+@pytest.mark.smoke
 def test_packed_row_gives_the_same_logits_as_each_document_alone():
     cfg = LlamaConfig.from_dict(LLAMA3_TINY)
     model = LlamaForCausalLM(cfg, tp_size=1)

@@ -10,6 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+# torchrun (torch.distributed.run) launches it: PyTorch's launcher, smoke-tested on each version.
+pytestmark = [pytest.mark.slow, pytest.mark.smoke]
+
 
 def test_demo_under_torchrun(tmp_path):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"

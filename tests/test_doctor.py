@@ -8,6 +8,9 @@ import nxd_standins
 from nxd_lora import doctor
 from nxd_lora.cli import main
 
+# The doctor checks the installed PyTorch's version against each stack's pins.
+pytestmark = pytest.mark.torch_version
+
 
 @pytest.fixture
 def neuron_host(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ QUIET = dict(log=lambda message: None)
 TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 
-@pytest.fixture(scope="module", params=["trn1", "trn2"])
+@pytest.fixture(scope="module", params=[pytest.param("trn1", marks=pytest.mark.smoke), "trn2"])
 def trained(tmp_path_factory, request):
     """A tiny Llama converted to TP=4 (KV heads replicated, in each NxD layout), LoRA-trained on 4 gloo
     ranks, saved 3 ways."""

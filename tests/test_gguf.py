@@ -34,6 +34,7 @@ def transformers_state(path):
 
 
 @pytest.mark.parametrize("qtype", sorted(SUPPORTED_TYPES))
+@pytest.mark.torch_version
 def test_every_supported_type_reads_as_transformers_dequantizes(tmp_path, tiny_model, qtype):
     path = write_llama_gguf(tmp_path / f"tiny-{qtype}.gguf", GGUF_TINY, hf_state_dict(tiny_model), qtype)
     source = open_source(path)
@@ -65,6 +66,7 @@ def test_gguf_config_matches_transformers(tmp_path, tiny_model):
     assert ours.extra["bos_token_id"] == 1 and ours.extra["eos_token_id"] == 2
 
 
+@pytest.mark.smoke
 def test_gguf_to_nxd_and_back_equals_dequantized(tmp_path, tiny_model):
     """Sliced streaming reads (2 ranks) rebuild exactly what the whole-tensor reads give."""
     path = write_llama_gguf(tmp_path / "tiny.gguf", GGUF_TINY, hf_state_dict(tiny_model), "Q4_1")

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("nxd_lora", "checkpoint_tools")
 
@@ -49,6 +51,7 @@ def test_no_import_cycles():
     assert find_cycles({"a": {"b"}, "b": {"a"}}) == [["a", "b"]]  # and would report one
 
 
+@pytest.mark.smoke
 def test_everything_imports_without_neuron_packages():
     modules = sorted(import_graph())
     code = ("import importlib, sys\n"

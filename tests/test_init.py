@@ -16,6 +16,7 @@ CONFIG = dict(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidde
 
 
 @pytest.mark.parametrize("initializer_range", [None, 0.05])
+@pytest.mark.smoke
 def test_weights_are_normal_with_the_configs_std_and_norms_one(initializer_range):
     raw = dict(CONFIG) if initializer_range is None else dict(CONFIG, initializer_range=initializer_range)
     config = LlamaConfig.from_dict(raw)

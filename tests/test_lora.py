@@ -40,6 +40,7 @@ def test_scaling_and_rslora():
     assert LoraConfig(lora_rank=16, lora_alpha=32, use_rslora=True).scaling == 8.0
 
 
+@pytest.mark.smoke
 def test_only_lora_is_trainable_and_keys_follow_nxd():
     model = _model(LoraConfig(lora_rank=4))
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)

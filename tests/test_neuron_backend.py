@@ -60,6 +60,7 @@ def test_our_eager_layers_take_nxds_arguments_with_nxds_defaults(name):
         assert param.default == nxd[arg].default, (name, arg, param.default, nxd[arg].default)
 
 
+@pytest.mark.smoke
 def test_masked_cross_entropy_gives_ignore_index_semantics_over_nxds_loss():
     nxd_like = nxd_standins._function(nxd_standins.parallel_cross_entropy, nxd_standins._nxd_cross_entropy)
     logits = torch.randn(2, 5, 11)
@@ -90,6 +91,7 @@ def _train_on(backend: str, overrides: list[str], work: str) -> dict:
 
 
 @needs_xla
+@pytest.mark.slow
 def test_neuron_backend_trains_like_the_xla_backend_through_nxds_api(tmp_path):
     """The whole train command on the neuron backend: NxD process groups, layers and loss (stand-ins
     bound to NxD's signatures), the doctor and plan checks, the lazy step. Same losses as ``xla``."""

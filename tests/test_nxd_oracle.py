@@ -38,7 +38,8 @@ from nxd_lora.local_launch import spawn_ranks  # noqa: E402
 from test_tp_equivalence import NXD_TARGETS, peft_reference, random_hf_lora  # noqa: E402
 from workers import run_jobs  # noqa: E402
 
-pytestmark = pytest.mark.skipif(harness.unavailable_reason() is not None, reason=str(harness.unavailable_reason()))
+pytestmark = [pytest.mark.slow,  # 8 ranks that import NxD, several times: minutes, so not in `make test-fast`
+              pytest.mark.skipif(harness.unavailable_reason() is not None, reason=str(harness.unavailable_reason()))]
 
 QUIET = dict(log=lambda message: None)
 EIGHT_HEADS_TWO_KV = dict(LLAMA3_TINY, num_attention_heads=8)  # TP 8: kv_size_multiplier 4

@@ -49,6 +49,7 @@ def _lora_numel_on_rank(config_dict: dict, tp: int) -> int:
         backend.teardown()
 
 
+@pytest.mark.slow
 def test_lora_elements_per_rank_are_the_models(tmp_path):
     config = LlamaConfig.from_dict(LLAMA3_TINY)
     lora = LoraConfig(lora_rank=4, target_modules=ALL_TARGETS)
@@ -60,6 +61,7 @@ def test_lora_elements_per_rank_are_the_models(tmp_path):
 @pytest.mark.parametrize("targets", [["qkv_proj"], ALL_TARGETS])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.torch_version
 def test_activation_estimate_is_what_autograd_keeps(targets, dtype, dropout, monkeypatch):
     """Bytes saved for backward per token and layer, measured with saved-tensor hooks (weights
     excluded: they are kept anyway), against the plan's formula, for each checkpointing mode.

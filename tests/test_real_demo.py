@@ -5,13 +5,22 @@ from __future__ import annotations
 
 import json
 
-from nxd_lora.demo import run_demo
+import pytest
+
+from nxd_lora.demo import real_model_dirs, run_demo
+
+pytestmark = pytest.mark.slow
 
 # Measured max |logit| differences are ~2e-4 (fp32, 30 layers, logits of magnitude ~20).
 EXPORT_ATOL = 1e-3
 
 
-def test_demo_teaches_facts_keeps_general_answers_and_exports_exactly(smollm2_gguf, tmp_path):
+def test_demo_teaches_facts_keeps_general_answers_and_exports_exactly(smollm2_gguf, smollm2_hf, smollm2_tp3, tmp_path):
+    # The demo's GGUF -> HF -> TP=3 conversions are the session's (the same calls; the demo skips a
+    # step whose output is complete), so the suite converts the real model once, not once per reader.
+    hf_dir, ckpt = real_model_dirs(tmp_path)
+    hf_dir.symlink_to(smollm2_hf)
+    ckpt.symlink_to(smollm2_tp3)
     result = run_demo(output=str(tmp_path), gguf=smollm2_gguf, quiet_bar=True)
     losses = result["losses"]
     assert result["steps"] == 40 and min(losses[-5:]) < 0.3 * losses[0]

@@ -11,12 +11,15 @@ from safetensors.torch import load_file
 
 from checkpoint_tools.convert import convert_to_hf, convert_to_nxd
 from checkpoint_tools.llama_config import LlamaConfig
+from checkpoint_tools.nxd_format import BASE_TAG, read_manifest
 from nxd_lora.data.batching import pad
 from nxd_lora.data.encode import IGNORE_INDEX, encode_prompt, encode_record
 from nxd_lora.data.records import Record
 from nxd_lora.demo import trained_logits
 from nxd_lora.local_launch import spawn_ranks
 from nxd_lora.tokenizer import load_tokenizer
+
+pytestmark = pytest.mark.slow
 
 # fp32 through 30 layers: TP changes the order of the row-parallel sums, nothing else.
 LOGIT_ATOL = 1e-3
@@ -70,15 +73,18 @@ def test_our_model_at_tp1_and_tp3_gives_transformers_logits(smollm2_hf, smollm2_
 
 
 @pytest.mark.parametrize("fuse_qkv", [False, True])
-def test_hf_to_nxd_tp3_to_hf_is_bit_exact(smollm2_hf, tmp_path, fuse_qkv):
-    manifest = convert_to_nxd(smollm2_hf, tmp_path / "nxd", 3, fuse_qkv=fuse_qkv, log=lambda _: None)
+def test_hf_to_nxd_tp3_to_hf_is_bit_exact(smollm2_hf, tmp_path, fuse_qkv, request):
+    # The session's TP=3 conversions of smollm2_hf (convert_to_nxd, as the other readers use them).
+    nxd = request.getfixturevalue("smollm2_tp3_fused" if fuse_qkv else "smollm2_tp3")
+    manifest = read_manifest(nxd / BASE_TAG)
+    assert manifest["tp"] == 3 and manifest["fuse_qkv"] is fuse_qkv and manifest["source"]["path"] == str(smollm2_hf)
     assert manifest["kv_size_multiplier"] == 1 and manifest["source"]["format"] == "hf-safetensors"
-    assert (tmp_path / "nxd" / "tokenizer.json").is_file()  # train finds the tokenizer beside the weights
-    rank0 = torch.load(tmp_path / "nxd" / "pretrained_weight" / "model" / "dp_rank_00_tp_rank_00_pp_rank_00.pt",
+    assert (nxd / "tokenizer.json").is_file()  # train finds the tokenizer beside the weights
+    rank0 = torch.load(nxd / "pretrained_weight" / "model" / "dp_rank_00_tp_rank_00_pp_rank_00.pt",
                        weights_only=True)
     k_key = "model.layers.0.self_attn.qkv_proj.weight_" + ("qkv" if fuse_qkv else "k")
     assert rank0[k_key].shape[0] == (192 + 64 * 2 if fuse_qkv else 64)  # one KV head per rank (+ 3 Q heads)
-    convert_to_hf(tmp_path / "nxd", tmp_path / "back", log=lambda _: None)
+    convert_to_hf(nxd, tmp_path / "back", log=lambda _: None)
     original, back = hf_shard(smollm2_hf), hf_shard(tmp_path / "back")
     assert set(original) == set(back)
     for key in original:

@@ -11,6 +11,7 @@ def test_regex_split_without_punkt_data():
     assert split_sentences("Paris is big. It is old! Is it? Yes") == ["Paris is big.", "It is old!", "Is it?", "Yes"]
 
 
+@pytest.mark.smoke
 def test_rouge_reported_after_training(tmp_path):
     pytest.importorskip("rouge_score")
     from checkpoint_tools.convert import convert_to_nxd

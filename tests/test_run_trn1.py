@@ -63,6 +63,7 @@ def launcher(tmp_path):
     return run
 
 
+@pytest.mark.smoke
 def test_one_node_runs_torchrun_over_every_neuroncore(launcher):
     proc, calls = launcher("--config", RECIPE_8B, "train.max_steps=20", neuron_cores=32)
     assert proc.returncode == 0, proc.stderr

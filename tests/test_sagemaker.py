@@ -97,6 +97,7 @@ def _recorded_create_requests(endpoint: str) -> list[dict]:
     return out
 
 
+@pytest.mark.smoke
 def test_submit_sends_the_job_sagemaker_requires_and_follows_its_logs(aws):
     logs = boto3.client("logs", region_name=REGION)
     logs.create_log_group(logGroupName="/aws/sagemaker/TrainingJobs")

@@ -76,6 +76,7 @@ def test_a_live_owner_of_the_same_tag_is_refused_and_a_dead_one_replaced(tmp_pat
     assert not (path / "blob").exists() and staging.read_owner(path).pid == os.getpid()
 
 
+@pytest.mark.smoke
 def test_swap_keeps_one_complete_version_and_the_old_one_is_owned(tmp_path, monkeypatch):
     dest = tmp_path / "out"
     dest.mkdir()

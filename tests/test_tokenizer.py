@@ -22,6 +22,7 @@ def test_tiktoken_llama3_specials(tmp_path):
     assert tok.decode(ids[1:-1]) == "héllo <|eot_id|>"
 
 
+@pytest.mark.smoke
 def test_hf_tokenizer_json(tmp_path):
     write_hf_tokenizer(tmp_path, TEXTS)
     tok = load_tokenizer(tmp_path)

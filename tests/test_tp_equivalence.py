@@ -11,6 +11,8 @@ from conftest import LLAMA2_TINY, LLAMA3_TINY, LLAMA32_TIED_TINY, hf_state_dict,
 from nxd_lora.local_launch import spawn_ranks
 from tp_workers import forward_backward
 
+pytestmark = pytest.mark.slow
+
 ATOL = 2e-5
 HF_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 NXD_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
@@ -61,7 +63,9 @@ def peft_reference(hf_model, hf_lora, lora_kwargs, input_ids, labels):
     return out.logits.detach(), out.loss.detach(), grads
 
 
-@pytest.fixture(scope="module", params=list(CASES))
+# One case runs on every PyTorch the project supports (smoke: spawned gloo ranks against transformers + peft).
+@pytest.fixture(scope="module", params=[pytest.param(name, marks=[pytest.mark.smoke] if i == 0 else [])
+                                        for i, name in enumerate(CASES)])
 def case(request):
     config, fuse_qkv, lora_kwargs = CASES[request.param]
     hf_model = make_hf_model(config)

@@ -19,6 +19,7 @@ from test_tp_equivalence import random_hf_lora
 
 @pytest.mark.parametrize("tp", [1, 2, 4, 8])
 @pytest.mark.parametrize("fuse_qkv", [False, True])
+@pytest.mark.smoke
 def test_hf_to_tp_to_hf_is_bit_exact(tp, fuse_qkv):
     config = LLAMA32_TIED_TINY  # 8 query heads, 1 KV head: tp=8 replicates K/V 8 times
     hf = hf_state_dict(make_hf_model(config))

@@ -39,6 +39,8 @@ def _overrides(tiny: Path, out: Path, *extra: str) -> list[str]:
             f"train.output_dir={out}", *TINY_OVERRIDES, "train.loggers=[csv]", *extra]
 
 
+@pytest.mark.slow
+@pytest.mark.smoke
 def test_loss_falls_by_half_on_a_memorisable_set(tiny, tmp_path):
     result = spawn_ranks(_train, 2, _overrides(tiny, tmp_path, f"data.train_files=[{tiny / 'six.jsonl'}]",
                                                "data.val_fraction=0", "train.max_steps=80", "train.save_every=0",
@@ -50,6 +52,7 @@ def test_loss_falls_by_half_on_a_memorisable_set(tiny, tmp_path):
     assert json.loads((tmp_path / "final" / "peft" / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
 
+@pytest.mark.slow
 def test_resumed_losses_equal_the_uninterrupted_run(tiny, tmp_path):
     common = ["train.max_steps=8", "train.save_every=4", "train.save_modes=[adapter]", "data.val_fraction=0"]
     full = spawn_ranks(_train, 2, _overrides(tiny, tmp_path / "full", *common))[0]["losses"]
@@ -60,6 +63,7 @@ def test_resumed_losses_equal_the_uninterrupted_run(tiny, tmp_path):
     assert resumed["losses"] == pytest.approx(full[4:], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path):
     with pytest.raises(RuntimeError, match="NonFiniteLoss|loss is (nan|inf)"):
         spawn_ranks(_train, 2, _overrides(tiny, tmp_path, "train.lr=1e30", "train.warmup_steps=0",
@@ -83,6 +87,7 @@ def test_config_errors_list_valid_keys(tmp_path):
     assert (recipe.train.max_steps, recipe.train.lr, recipe.lora.lora_rank) == (7, 0.5, 4)
 
 
+@pytest.mark.slow
 def test_empty_dataset_and_wrong_tp_are_errors(tiny, tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     data = f"data.train_files=[{tmp_path / 'empty.jsonl'}]"
@@ -107,6 +112,7 @@ def test_missing_data_file_is_named(tiny, tmp_path):
         build_rows(recipe.data, load_tokenizer(tiny / "hf"), 0)
 
 
+@pytest.mark.slow
 def test_bf16_base_weights_train(tiny, tmp_path):
     result = spawn_ranks(_train, 2, _overrides(tiny, tmp_path, "model.dtype=bfloat16", "train.max_steps=20",
                                                "train.save_every=0", "train.save_modes=[adapter]"))[0]
@@ -124,6 +130,7 @@ def test_cli_train_flags_reach_the_recipe(monkeypatch):
     assert main(["train", "train.nope=1"]) == 2
 
 
+@pytest.mark.slow
 def test_under_neuron_parallel_compile_a_few_steps_run_and_nothing_is_saved(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("NEURON_EXTRACT_GRAPHS_ONLY", "1")  # what the tool sets for the job it runs
     result = spawn_ranks(_train, 2, _overrides(tiny, tmp_path, "train.max_steps=50", "train.save_every=1"))[0]

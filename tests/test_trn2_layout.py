@@ -111,6 +111,7 @@ def test_kv_shared_groups_follow_the_layout():
 
 @pytest.mark.parametrize("tp", [4, 8])
 @pytest.mark.parametrize("fuse", [False, True])
+@pytest.mark.smoke
 def test_lora_shards_round_trip_in_trn2(hf_dirs, tp, fuse):
     _, config, _ = hf_dirs["8h2kv"]
     hf_lora = random_hf_lora(make_hf_model(config), rank=3)
@@ -122,6 +123,7 @@ def test_lora_shards_round_trip_in_trn2(hf_dirs, tp, fuse):
         unshard_lora_state_dict(ranks, cfg, "trn1")
 
 
+@pytest.mark.slow
 def test_retarget_equals_a_direct_conversion_and_back(hf_dirs, tmp_path, capsys):
     src = hf_dirs["8h2kv"][0]
     convert_to_nxd(src, tmp_path / "trn1", 8, fuse_qkv=True, target="trn1", **QUIET)
@@ -165,6 +167,7 @@ def equivalence(hf_dirs):
 
 
 @pytest.mark.parametrize("tp, layout", [(4, "trn1"), (4, "trn2"), (8, "trn1"), (8, "trn2")])
+@pytest.mark.slow
 def test_both_layouts_compute_peft_and_the_tp1_gradients(equivalence, tp, layout):
     for rank in equivalence["results"][tp, layout]:
         torch.testing.assert_close(rank["logits"], equivalence["ref_logits"], atol=ATOL, rtol=0)
@@ -209,6 +212,7 @@ def test_a_mismatched_layout_is_refused_everywhere(hf_dirs, tmp_path, monkeypatc
     assert "checkpoint layout: trn2" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_export_refuses_a_base_of_the_other_layout(hf_dirs, tmp_path):
     from tp_workers import train_and_save
 

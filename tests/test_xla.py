@@ -10,8 +10,9 @@ from checkpoint_tools.convert import convert_to_nxd
 from nxd_lora.demo import TINY_OVERRIDES, write_tiny_hf_model
 from nxd_lora.local_launch import spawn_ranks
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("torch_xla") is None,
-                                reason="needs torch-xla, which exists for PyTorch 2.9 only (pip install 'nxd-lora[xla]'): the torch 2.9 job runs it")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(importlib.util.find_spec("torch_xla") is None,
+                                 reason="needs torch-xla, which exists for PyTorch 2.9 only (pip install 'nxd-lora[xla]'): the torch 2.9 job runs it")]
 
 
 def _train_in_fresh_process(overrides: list[str]) -> dict:
