@@ -52,13 +52,17 @@ endef
 
 .PHONY: demo demo-tiny test test-torch test-torch-next test-fast assets clean
 
+# (In variables: a comma written in $(call ...)'s arguments would split them.)
+REQUIREMENTS := torch==$(TORCH) -e '.[dev,xla]'
+REQUIREMENTS_NEXT := torch==$(TORCH_NEXT) -e '.[dev]'
+
 $(BIN)/.installed: pyproject.toml
 	@echo "building $(VENV) (PyTorch $(TORCH)); free disk here: $$(df -h --output=avail . | tail -1)"
-	$(call install,$(VENV),torch==$(TORCH) -e '.[dev,xla]')
+	$(call install,$(VENV),$(REQUIREMENTS))
 
 $(VENV_NEXT)/bin/.installed: pyproject.toml
 	@echo "building $(VENV_NEXT) (PyTorch $(TORCH_NEXT)); free disk here: $$(df -h --output=avail . | tail -1)"
-	$(call install,$(VENV_NEXT),torch==$(TORCH_NEXT) -e '.[dev]')
+	$(call install,$(VENV_NEXT),$(REQUIREMENTS_NEXT))
 
 $(DEMO_MODEL): $(BIN)/.installed
 	$(BIN)/nxd-lora fetch-model
