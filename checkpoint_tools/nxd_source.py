@@ -96,7 +96,6 @@ def open_nxd_source(path: str | Path) -> NxDSource:
                      manifest.get("kv_layout", "trn1"), getattr(torch, manifest["dtype"]))
 
 
-
 # What a checkpoint written by NxD itself (its converter, or its trainer) can be laid out as: NxD's
 # two runtimes, and NxD 0.17's converter output for trn2, whose query heads are in trn2 order but
 # whose K/V heads are placed as on trn1 (``checkpoint_converter.py --hw_backend trn2`` replicates them
@@ -122,6 +121,8 @@ def open_foreign_nxd_source(path: str | Path, config: LlamaConfig | None, source
     manifest: the HF ``config`` it came from is needed, the TP size is read from its files, and where
     the layouts differ (replicated KV heads) ``source_layout`` says which it is. The K/V heads' actual
     placement is read from the replicas and must agree; NxD 0.17's trn2 converter bug is named."""
+    if source_layout is not None and source_layout not in FOREIGN_LAYOUTS:
+        raise CheckpointError(f"--source-layout {source_layout!r} unknown; choose from {list(FOREIGN_LAYOUTS)}")
     tag_dir = foreign_nxd_tag(path)
     model_dir = tag_dir / "model"
     if config is None:
@@ -138,8 +139,6 @@ def open_foreign_nxd_source(path: str | Path, config: LlamaConfig | None, source
     if [int(m[1]) for m in matches] != list(range(tp)):
         raise CheckpointError(f"{model_dir}: rank files are not numbered tp_rank_00..{tp - 1:02d}: {names}")
     kvm = check_tensor_parallel(config, tp)
-    if source_layout is not None and source_layout not in FOREIGN_LAYOUTS:
-        raise CheckpointError(f"--source-layout {source_layout!r} unknown; choose from {list(FOREIGN_LAYOUTS)}")
     first = torch.load(rank_path(tag_dir, 0), map_location="cpu", mmap=True, weights_only=True)
     dtype = first["model.embed_tokens.weight"].dtype
     if not layouts_differ(tp, kvm):

@@ -18,10 +18,12 @@ computing something else. Only what NxD's CPU path calls works:
 
 * ``torch_neuronx.utils.get_platform_target()`` returns ``$NXD_LORA_TEST_PLATFORM`` (trn1 or
   trn2): NxD chooses its TRN1/TRN2 code paths (KV replication, kv-shared groups) from it;
-* decorators (``nki_jit``, ``nki.jit``...) decorate; the kernel they return raises if called;
+* while ``install()`` imports NxD, calls made at import time (``nki_jit`` decorators, kernel enums and
+  configs) return further stubs; after it, every call raises;
 * ``CollectivesConfig`` (``initialize_model_parallel`` constructs one).
 
-Two gaps of NxD's CPU mode on torch-xla 2.9 are bridged without changing what is computed:
+Gaps of NxD's CPU mode on torch-xla 2.9 (and transformers 5) are bridged without changing what is
+computed (``transformers.utils.fx`` and ``torch.classes.neuron``, only named at import, are stubbed too):
 
 * torch-xla 2.9 has no ``xenv.HOST_WORLD_SIZE`` (the number of hosts), which NxD's
   ``get_local_world_size()`` reads in checkpoint load/save: it is defined, and one host is set;
@@ -63,7 +65,7 @@ def platform() -> str:
 
 
 class _Stub:
-    """Any attribute of a stubbed module: a further stub; calling it raises, except as a decorator."""
+    """Any attribute of a stubbed module: a further stub; calling it raises, except while NxD is imported."""
 
     def __init__(self, name: str):
         self._name = name
@@ -145,11 +147,6 @@ def nxd_source() -> Path | None:
         return None
     src = Path(root) / "src"
     return src if (src / "neuronx_distributed" / "__init__.py").is_file() else None
-
-
-def nxd_installed() -> bool:
-    """Whether the real package (a Neuron host) is importable without the harness."""
-    return importlib.util.find_spec("neuronx_distributed") is not None and "torch_neuronx" not in sys.modules
 
 
 def unavailable_reason() -> str | None:
