@@ -44,7 +44,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _layer_releasing_reader(source: Source):
+def layer_releasing_reader(source: Source):
     """Read through ``source``; drop its cached handles whenever reading moves to a new layer."""
     current: list[str | None] = [None]
 
@@ -123,7 +123,7 @@ def convert_to_nxd(
     log(f"convert: {source.format} checkpoint {source.path} -> {dst} (tp={tp}, kv_size_multiplier={kvm}, "
         f"kv_layout={target}, fuse_qkv={fuse_qkv}, dtype={_dtype_name(out_dtype)}, {per_pass} rank(s) per pass)")
     start = time.perf_counter()
-    read = _layer_releasing_reader(source)
+    read = layer_releasing_reader(source)
     nbytes = nxd_checkpoint_bytes(cfg, tp, fuse_qkv, out_dtype)
     with publish_directory(dst, overwrite, nbytes, "the NxD checkpoint", log) as staging, one_torch_thread():
         mark_started(staging / BASE_TAG)
@@ -249,7 +249,7 @@ def convert_source_to_hf(
     check_hf_shapes(source.shapes, cfg, source=str(source.path))
     out_dtype = DTYPES[dtype] if dtype else source.dtype
     log(f"convert: {source.format} checkpoint {source.path} -> HF {dst} (dtype={_dtype_name(out_dtype)})")
-    read = _layer_releasing_reader(source)
+    read = layer_releasing_reader(source)
 
     def layer_tensors(keep: Callable[[str], bool]) -> dict[str, torch.Tensor]:
         return {key: read(key) for key in source.shapes if keep(key)}

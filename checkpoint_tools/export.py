@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from checkpoint_tools.atomic_io import save_safetensors, write_json
-from checkpoint_tools.convert import hf_model_bytes, load_rank_files, write_hf_model
+from checkpoint_tools.convert import hf_model_bytes, layer_releasing_reader, load_rank_files, write_hf_model
 from checkpoint_tools.nxd_format import (
     manifest_config,
     publish_directory,
@@ -26,9 +26,13 @@ from checkpoint_tools.nxd_format import (
     require_verified,
     resolve_tag_dir,
 )
-from checkpoint_tools.sources import CheckpointError
+from checkpoint_tools.llama_config import LlamaConfig
+from checkpoint_tools.nxd_lora_save import read_nxd_lora_save
+from checkpoint_tools.nxd_source import NxDSource, foreign_nxd_tag, is_nxd_checkpoint, open_foreign_nxd_source
+from checkpoint_tools.source_base import CheckpointError, Source
+from checkpoint_tools.sources import open_source
 from checkpoint_tools.tokenizer_files import copy_tokenizer_files, has_tokenizer, write_generation_config
-from checkpoint_tools.tp_layout import unshard_lora_state_dict, unshard_to_hf
+from checkpoint_tools.tp_layout import unshard_lora_state_dict
 
 PEFT_PREFIX = "base_model.model."
 VLLM_DEFAULT_MAX_LORA_RANK = 16
@@ -73,24 +77,31 @@ def export_peft(src: str | Path, dst: str | Path, base_model: str | None = None,
     ranks = load_rank_files(tag_dir, int(manifest["tp"]))
     adapters = unshard_lora_state_dict([{k: v for k, v in r.items() if "lora_" in k} for r in ranks], cfg,
                                        manifest.get("kv_layout", "trn1"))
+    write_peft_adapter(adapters, manifest["lora"], dst, base_model, overwrite, log)
+    return adapters
+
+
+def write_peft_adapter(adapters: dict[str, torch.Tensor], lora: dict, dst: str | Path, base_model: str | None,
+                       overwrite: bool, log: Callable[[str], None]) -> None:
+    """HF-layout ``adapters`` and our ``lora`` fields as a PEFT adapter directory, published atomically."""
     tensors = {PEFT_PREFIX + k: v.contiguous() for k, v in adapters.items()}
     targets = sorted({k.split(".")[-3] for k in adapters})
-    lora = manifest["lora"]
     for message in vllm_warnings(lora):
-        warnings.warn(message, stacklevel=2)
+        warnings.warn(message, stacklevel=3)
         log(f"export: warning: {message}")
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     with publish_directory(dst, overwrite, nbytes, "the PEFT adapter", log) as staging:
         save_safetensors(tensors, staging / "adapter_model.safetensors")
         write_json(staging / "adapter_config.json", peft_adapter_config(lora, targets, base_model), sort_keys=True)
     log(f"export: PEFT adapter ({len(tensors)} tensors, targets {targets}) -> {dst}")
-    return adapters
 
 
 def merge_adapters(hf: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor], scaling: float) -> None:
     """Fold HF-layout adapters into HF weights in place: ``W += scaling * B @ A`` (in fp32)."""
     for key in [k for k in adapters if k.endswith(".lora_A.weight")]:
         module = key.removesuffix(".lora_A.weight")
+        if module + ".weight" not in hf:
+            continue  # another layer's: merged when that layer is written
         weight = hf[module + ".weight"]
         delta = adapters[module + ".lora_B.weight"].float() @ adapters[key].float()
         hf[module + ".weight"] = (weight.float() + scaling * delta).to(weight.dtype)
@@ -122,29 +133,36 @@ def export_merged(src: str | Path, dst: str | Path, base: str | Path | None = No
                                   f"with {field}={manifest.get(field)!r}")
     if manifest_config(base_manifest, base_dir) != cfg:
         raise CheckpointError(f"{base_dir}: base model config differs from the one the adapter was trained on")
-
     layout = manifest.get("kv_layout", "trn1")
+    adapters = {}
+    if mode != "merged":
+        lora_ranks = load_rank_files(tag_dir, tp)
+        adapters = unshard_lora_state_dict([{k: v for k, v in r.items() if "lora_" in k} for r in lora_ranks], cfg,
+                                           layout)
+    base_source = NxDSource(base_dir, cfg, tp, layout, getattr(torch, base_manifest["dtype"]))
+    write_merged_model(base_source, adapters, _scaling(manifest["lora"]), dst, overwrite,
+                       tokenizer_dir or _tokenizer_home(base_dir, base_manifest), f"{mode} checkpoint", log)
 
-    def layer_tensors(layer_filter: Callable[[str], bool]) -> dict[str, torch.Tensor]:
-        base_ranks = load_rank_files(base_dir, tp)
-        base_part = [{k.replace(".base_layer.", "."): v for k, v in r.items() if "lora_" not in k and layer_filter(k)}
-                     for r in base_ranks]
-        hf = unshard_to_hf(base_part, cfg, layout)
-        if mode != "merged":
-            lora_ranks = base_ranks if mode == "base+adapter" else load_rank_files(tag_dir, tp)
-            lora_part = [{k: v for k, v in r.items() if "lora_" in k and layer_filter(k)} for r in lora_ranks]
-            if lora_part[0]:
-                merge_adapters(hf, unshard_lora_state_dict(lora_part, cfg, layout), _scaling(manifest["lora"]))
+
+def write_merged_model(base: Source, adapters: dict[str, torch.Tensor], scaling: float, dst: str | Path,
+                       overwrite: bool, tokenizer_dir: str | Path | None, what: str,
+                       log: Callable[[str], None]) -> None:
+    """``base``'s weights with HF-layout ``adapters`` folded in, one layer at a time, as an HF model
+    directory (shards, index, config, tokenizer files when known, generation config), published atomically."""
+    cfg, dtype = base.config, base.dtype
+    read = layer_releasing_reader(base)
+
+    def layer_tensors(keep: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+        hf = {key: read(key) for key in base.shapes if keep(key)}
+        merge_adapters(hf, adapters, scaling)
         return hf
 
-    dtype = getattr(torch, base_manifest["dtype"])
     with publish_directory(dst, overwrite, hf_model_bytes(cfg, dtype), "the merged HF model", log) as staging:
         write_hf_model(staging, cfg, dtype, layer_tensors, log)
-        tokenizer_dir = tokenizer_dir or _tokenizer_home(base_dir, base_manifest)
         copied = copy_tokenizer_files(Path(tokenizer_dir), staging) if tokenizer_dir else []
         if "generation_config.json" not in copied:
             write_generation_config(staging, cfg)
-    log(f"export: merged HF model ({mode} checkpoint) -> {dst}")
+    log(f"export: merged HF model ({what}) -> {dst}")
 
 
 def _tokenizer_home(base_dir: Path, base_manifest: dict) -> Path | None:
@@ -155,3 +173,54 @@ def _tokenizer_home(base_dir: Path, base_manifest: dict) -> Path | None:
         if candidate is not None and candidate.is_dir() and has_tokenizer(candidate):
             return candidate
     return None
+
+
+def export_nxd_lora(src: str | Path, dst: str | Path, merged: bool = False, base: str | Path | None = None,
+                    config: LlamaConfig | None = None, source_layout: str | None = None,
+                    lora_config: str | Path | None = None, base_model: str | None = None,
+                    tokenizer_dir: str | Path | None = None, overwrite: bool = False,
+                    log: Callable[[str], None] = print) -> dict[str, torch.Tensor]:
+    """Export what NxD's own ``LoraModel`` saved (``nxd.save_checkpoint``; see ``nxd_lora_save``) as a
+    PEFT adapter, or (``merged``) an HF model with the adapter folded into ``base``.
+
+    The model comes from ``config`` (its HF config.json) or from ``base``; the platform it trained
+    on from ``source_layout`` or from ``base`` when that is an NxD checkpoint. ``base`` is any
+    checkpoint ``convert`` reads (ours, NxD's converter output with ``config``, HF, Meta, GGUF); a save
+    with ``save_lora_base=True`` is its own base."""
+    base_source = None
+    if base is not None:
+        ours, foreign = is_nxd_checkpoint(base), foreign_nxd_tag(base) is not None
+        if ours and source_layout is not None:
+            raise CheckpointError(f"{base}: an nxd-lora checkpoint records its layout in its manifest; leave out "
+                                  f"--source-layout (it is for the LoRA save and a base written by NxD itself)")
+        base_source = open_source(base, None if ours else config, source_layout if foreign and not ours else None)
+        if config is not None and base_source.config != config:
+            raise CheckpointError(f"{base}: its model config differs from --config")
+        config = base_source.config
+        if isinstance(base_source, NxDSource):  # the platform the base was laid out for, hence trained on
+            source_layout = base_source.kv_layout
+    if config is None:
+        raise CheckpointError(f"{src}: an NxD LoRA save does not record its model: pass --config CONFIG_JSON (the HF "
+                              f"config.json of the base model) or --base (the base checkpoint it trained on)")
+    save = read_nxd_lora_save(src, config, source_layout, lora_config)
+    log(f"export: NxD LoraModel save {save.tag_dir} (tp={save.tp}, rank {save.lora['lora_rank']}, "
+        f"{'gathered by merge_sharded_lora' if save.merged_shards else 'rank shards'}, "
+        f"{len(save.adapters)} HF adapter tensors)")
+    if not merged:
+        write_peft_adapter(save.adapters, save.lora, dst, base_model, overwrite, log)
+        return save.adapters
+    if save.has_base:
+        if base_source is not None:
+            raise CheckpointError(f"{save.tag_dir}: holds its base model (NxD's save_lora_base=True), so --base "
+                                  f"{base} does not apply; leave it out")
+        base_source = open_foreign_nxd_source(save.tag_dir, config, source_layout)
+    if base_source is None:
+        raise CheckpointError(f"{save.tag_dir}: holds the adapter only: a merged export needs --base (the base "
+                              f"checkpoint it trained on: ours, NxD's converter output, or the HF model)")
+    tokenizer_home = tokenizer_dir or next((p for p in (base_source.path, Path(base or "."))
+                                            if p.is_dir() and has_tokenizer(p)), None)
+    if tokenizer_home is None:
+        log("export: no tokenizer files beside the base; pass --tokenizer-dir to include them")
+    write_merged_model(base_source, save.adapters, _scaling(save.lora), dst, overwrite, tokenizer_home,
+                       "NxD LoraModel save", log)
+    return save.adapters

@@ -124,22 +124,17 @@ def open_foreign_nxd_source(path: str | Path, config: LlamaConfig | None, source
     if source_layout is not None and source_layout not in FOREIGN_LAYOUTS:
         raise CheckpointError(f"--source-layout {source_layout!r} unknown; choose from {list(FOREIGN_LAYOUTS)}")
     tag_dir = foreign_nxd_tag(path)
-    model_dir = tag_dir / "model"
     if config is None:
         raise CheckpointError(f"{tag_dir}: an NxD checkpoint without nxd-lora's manifest (written by NxD's converter "
                               "or trainer) does not record its model: pass --config CONFIG_JSON (the HF config.json "
                               "of the model it was converted from)")
-    names = sorted(p.name for p in model_dir.glob("dp_rank_*.pt"))
-    matches = [_RANK_FILE.match(n) for n in names]
-    if not all(matches) or any(m[2] != "00" for m in matches):
-        odd = [n for n, m in zip(names, matches) if not m or m[2] != "00"]
-        raise CheckpointError(f"{model_dir}: {odd[0]} is not a dp_rank_00_tp_rank_TT_pp_rank_00.pt rank file "
-                              "(pipeline-parallel, expert-parallel and xser checkpoints are not read)")
-    tp = len(names)
-    if [int(m[1]) for m in matches] != list(range(tp)):
-        raise CheckpointError(f"{model_dir}: rank files are not numbered tp_rank_00..{tp - 1:02d}: {names}")
+    tp = len(rank_files_of(tag_dir))
     kvm = check_tensor_parallel(config, tp)
     first = torch.load(rank_path(tag_dir, 0), map_location="cpu", mmap=True, weights_only=True)
+    if "model.embed_tokens.weight" not in first:
+        what = "a LoRA adapter saved by NxD's LoraModel: export it with nxd-lora export" if any(
+            "lora_" in k for k in first) else "not a Llama base model (no model.embed_tokens.weight)"
+        raise CheckpointError(f"{rank_path(tag_dir, 0)}: {what}")
     dtype = first["model.embed_tokens.weight"].dtype
     if not layouts_differ(tp, kvm):
         layout = "trn1" if source_layout in (None, NXD_CONVERTER_TRN2) else source_layout
@@ -165,6 +160,21 @@ def open_foreign_nxd_source(path: str | Path, config: LlamaConfig | None, source
                               f"they are placed as {placement or 'neither layout (replicas differ)'}")
     q_layout = "trn2" if source_layout == NXD_CONVERTER_TRN2 else source_layout
     return NxDSource(tag_dir, config, tp, q_layout, dtype, kv_placement=placement, format="nxd (NxD-written)")
+
+
+def rank_files_of(tag_dir: Path) -> list[str]:
+    """The rank files of an NxD-written tag (``model/dp_rank_00_tp_rank_TT_pp_rank_00.pt``, TT from 00),
+    checked to be one data-parallel copy of one pipeline stage, numbered without gaps."""
+    model_dir = tag_dir / "model"
+    names = sorted(p.name for p in model_dir.glob("dp_rank_*.pt"))
+    matches = [_RANK_FILE.match(n) for n in names]
+    if not all(matches) or any(m[2] != "00" for m in matches):
+        odd = [n for n, m in zip(names, matches) if not m or m[2] != "00"]
+        raise CheckpointError(f"{model_dir}: {odd[0]} is not a dp_rank_00_tp_rank_TT_pp_rank_00.pt rank file "
+                              "(pipeline-parallel, expert-parallel and xser checkpoints are not read)")
+    if [int(m[1]) for m in matches] != list(range(len(names))):
+        raise CheckpointError(f"{model_dir}: rank files are not numbered tp_rank_00..{len(names) - 1:02d}: {names}")
+    return names
 
 
 def _kv_placement(tag_dir: Path, tp: int, config: LlamaConfig) -> str | None:

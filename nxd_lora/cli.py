@@ -56,8 +56,22 @@ def _fetch_model(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from checkpoint_tools.export import export_merged, export_peft
+    from checkpoint_tools.export import export_merged, export_nxd_lora, export_peft
+    from checkpoint_tools.llama_config import LlamaConfig
+    from checkpoint_tools.nxd_lora_save import is_nxd_lora_save
+    from checkpoint_tools.sources import CheckpointError
 
+    nxd_only = {"--config": args.config, "--source-layout": args.source_layout, "--lora-config": args.lora_config}
+    if is_nxd_lora_save(args.src):
+        config = LlamaConfig.from_json(args.config) if args.config else None
+        export_nxd_lora(args.src, args.dst, merged=args.merged, base=args.base, config=config,
+                        source_layout=args.source_layout, lora_config=args.lora_config, base_model=args.base_model,
+                        tokenizer_dir=args.tokenizer_dir, overwrite=args.overwrite)
+        return 0
+    given = [flag for flag, value in nxd_only.items() if value is not None]
+    if given:
+        raise CheckpointError(f"{args.src}: {', '.join(given)} apply to a LoRA save written by NxD's own LoraModel "
+                              f"(<tag>/model/dp_rank_00_tp_rank_TT_pp_rank_00.pt with lora_ tensors), and this is not one")
     if args.merged:
         export_merged(args.src, args.dst, base=args.base, overwrite=args.overwrite, tokenizer_dir=args.tokenizer_dir)
     else:
@@ -201,6 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--base", help="converted NxD base checkpoint (for --merged from an adapter-only save)")
     export.add_argument("--base-model", help="base_model_name_or_path written into adapter_config.json")
     export.add_argument("--tokenizer-dir", help="copy tokenizer files from here (default: the base's source dir)")
+    nxd = export.add_argument_group(
+        "a LoRA save written by NxD's own LoraModel (nxd.save_checkpoint; AWS's NxD Llama LoRA tutorial)",
+        "SRC is its tag (<dir>/<tag>/model/dp_rank_00_tp_rank_TT_pp_rank_00.pt) or the dir holding it; --base is "
+        "the base it trained on (ours, NxD's converter output with --config, or the HF model), needed for --merged "
+        "unless the save holds its base (save_lora_base=True)")
+    nxd.add_argument("--config", help="the base model's HF config.json (when --base does not carry one)")
+    nxd.add_argument("--source-layout", choices=["trn1", "trn2"],
+                     help="the platform it trained on (when the base does not say; needed with replicated KV heads)")
+    nxd.add_argument("--lora-config", help="NxD's adapter_config.json, when it is not in the tag or beside it (NxD "
+                                           "writes it to LoraConfig.lora_save_dir, default ./lora_adapter)")
     export.add_argument("--overwrite", action="store_true")
     export.set_defaults(func=_export)
 

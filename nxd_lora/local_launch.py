@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -44,7 +45,8 @@ def spawn_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 600.
     """Run ``fn(*args)`` on ``world_size`` spawned ranks; return the per-rank results in rank order.
 
     ``fn`` must be importable by name (a module-level function). A failing rank raises
-    ``RuntimeError`` carrying that rank's traceback.
+    ``RuntimeError`` carrying that rank's traceback; the other ranks are stopped at once then (they
+    would wait forever in their next collective), as is every rank after ``timeout`` seconds.
     """
     ctx = mp.get_context("spawn")
     port = free_port()
@@ -55,11 +57,15 @@ def spawn_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 600.
         ]
         for proc in procs:
             proc.start()
-        for proc in procs:
-            proc.join(timeout)
+        deadline = time.monotonic() + timeout
+        while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+            if any(p.exitcode not in (None, 0) for p in procs):
+                break
+            time.sleep(0.2)
         for proc in procs:
             if proc.is_alive():
                 proc.kill()
+            proc.join()
         errors = sorted(Path(out_dir).glob("rank*.err"))
         if errors:
             raise RuntimeError(f"{errors[0].stem} failed:\n{errors[0].read_text()}")

@@ -33,9 +33,9 @@ def test_recorded_signatures_are_nxds_own():
 
     if not HAVE_NXD and harness.unavailable_reason():
         pytest.skip(harness.unavailable_reason())
-    from workers import run_jobs
+    from workers import start_jobs
 
-    assert spawn_ranks(run_jobs, 1, "trn1", [("recorded_signature_mismatches", ())])[0] == [[]]
+    assert start_jobs(1, "trn1", [("recorded_signature_mismatches", ())])[0] == [[]]
 
 
 def test_the_backend_uses_only_recorded_nxd_names():

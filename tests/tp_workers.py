@@ -59,6 +59,18 @@ def forward_backward(config_dict: dict, tp: int, hf_state: dict, input_ids: torc
         backend.teardown()
 
 
+def train_steps(model, optimizer, input_ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """``steps`` optimizer steps on the causal-LM loss of ``input_ids``; then the gathered logits."""
+    for _ in range(steps):
+        _, loss = model(input_ids, labels=input_ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with torch.no_grad():
+        logits, _ = model(input_ids, gather_logits=True)
+    return logits
+
+
 def train_and_save(base_dir: str, out_root: str, tp: int, lora_kwargs: dict, input_ids: torch.Tensor,
                    steps: int = 3) -> dict:
     """Load converted rank files, LoRA-train a few steps, save in all three modes; return the logits."""
@@ -74,14 +86,7 @@ def train_and_save(base_dir: str, out_root: str, tp: int, lora_kwargs: dict, inp
         lora = LoraConfig(**lora_kwargs)
         base = backend.load_rank_tensors(rank_path(f"{base_dir}/pretrained_weight", backend.tp_rank))
         model = build_model(config, backend, base, lora, fuse_qkv=manifest["fuse_qkv"])
-        optimizer = torch.optim.AdamW(params_of(model), lr=0.05)
-        for _ in range(steps):
-            _, loss = model(input_ids, labels=input_ids)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-        with torch.no_grad():
-            logits, _ = model(input_ids, gather_logits=True)
+        logits = train_steps(model, torch.optim.AdamW(params_of(model), lr=0.05), input_ids, steps)
         for mode in SAVE_MODES:
             save_lora_checkpoint(model, backend, f"{out_root}/{mode.replace('+', '_')}", "step_3", mode, lora)
         return {"logits": logits}

@@ -42,7 +42,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from checkpoint_tools.tp_layout import check_layout_matches
+from checkpoint_tools.tp_layout import check_layout_matches, kv_head_of_rank
 from nxd_lora.backends.base import BackendUnavailable
 from nxd_lora.backends.xla import XlaBackend
 from nxd_lora.doctor import neuron_platform, nxd_cpu_mode
@@ -138,6 +138,32 @@ class NeuronBackend(XlaBackend):
                 dist.init_process_group("xla", init_method="xla://")
         self.parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size)
         self.kv_layout = kv_layout
+        if kv_size_multiplier > 1:
+            try:
+                self.check_kv_shared_groups(tp_size, kv_size_multiplier, kv_layout, platform)
+            except ValueError:
+                self.teardown()
+                raise
+
+    def check_kv_shared_groups(self, tp_size: int, kv_size_multiplier: int, kv_layout: str, platform: str) -> None:
+        """Refuse to train where NxD's kv-shared groups (the ranks whose K/V gradients its GQA layer
+        sums) are not the ranks that hold the same KV head in ``kv_layout``: NxD 0.17 on trn1 at TP 4
+        with data parallelism (its TP groups are strided there, its kv-shared groups are not), and on
+        platforms it has no KV placement for (trn3). Asked of NxD's own ``arrange_kv_groups``."""
+        hardware = importlib.import_module("neuronx_distributed.utils.utils").hardware
+        tp_groups = self.parallel_state.get_tensor_model_parallel_replica_groups()
+        nxd_groups = self.parallel_state.arrange_kv_groups(len(tp_groups), tp_size, kv_size_multiplier, False,
+                                                           hardware(platform))
+        n_kv = tp_size // kv_size_multiplier
+        wanted = [sorted(group[r] for r in range(tp_size) if kv_head_of_rank(r, tp_size, n_kv, kv_layout) == head)
+                  for group in tp_groups for head in range(n_kv)]
+        if sorted(map(sorted, nxd_groups)) != sorted(wanted):
+            raise ValueError(
+                f"NxD on {platform} at tp={tp_size} with kv_size_multiplier "
+                f"{kv_size_multiplier} would sum K/V gradients over ranks {nxd_groups}, but the ranks holding the "
+                f"same KV head ({kv_layout} layout over its TP groups {tp_groups}) are {wanted}: the K/V LoRA "
+                f"gradients would mix different heads. Choose another TP size (NxD's TP groups are strided on trn1 "
+                f"only at TP 4), or run without data parallelism")
 
     def platform(self) -> str:
         """trn1, trn2 or trn3: the host's (neuron-ls, DMI) on Neuron hardware; in NxD's CPU mode the

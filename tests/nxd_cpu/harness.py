@@ -30,7 +30,14 @@ computed (``transformers.utils.fx`` and ``torch.classes.neuron``, only named at 
 * ``modules/qkv_linear_utils.py`` sums the K/V gradients of replicated KV heads with
   ``xm.all_reduce`` on the kv-shared replica groups, which does nothing to CPU tensors. That call
   is routed to ``torch.distributed.all_reduce`` over NxD's own kv-shared process group (checked to
-  hold the same ranks), the sum NxD computes on Trainium.
+  hold the same ranks), the sum NxD computes on Trainium;
+* NxD's checkpoint save/load orders its ranks with ``xm.rendezvous`` (a barrier of all workers on
+  Trainium), which returns at once here; a rank that runs ahead then takes the tag being written
+  for an interrupted one (no ``done`` file yet) and deletes it. In ``trainer/checkpoint.py`` and
+  ``trainer/checkpoint_storage.py`` it is a ``torch.distributed`` barrier over all ranks;
+* ``LoraModel._replace_module`` moves every new LoRA module to the device ``"xla"`` (NxD's LoRA has
+  no CPU mode), which on torch-xla's CPU device would split the model across two devices: during
+  that call, ``.to("xla")`` leaves a module where it is (on the CPU, with the rest of the model).
 """
 
 from __future__ import annotations
@@ -207,7 +214,37 @@ def install() -> None:
     import neuronx_distributed.modules.qkv_linear_utils as qkv_utils
 
     qkv_utils.xm = _KvSharedAllReduce(qkv_utils.xm)
+    import neuronx_distributed.trainer.checkpoint as nxd_checkpoint
+    import neuronx_distributed.trainer.checkpoint_storage as nxd_checkpoint_storage
+
+    for module in (nxd_checkpoint, nxd_checkpoint_storage):
+        module.xm = _RendezvousIsABarrier(module.xm)
+    from neuronx_distributed.modules.lora.model import LoraModel
+
+    LoraModel._replace_module = _modules_stay_on_the_cpu(LoraModel._replace_module)
     _INSTALLED = True
+
+
+def _modules_stay_on_the_cpu(replace_module):
+    """``replace_module`` with ``Module.to("xla")`` a no-op while it runs (see the module docstring)."""
+    import functools
+
+    import torch
+
+    @functools.wraps(replace_module)
+    def wrapper(*args, **kwargs):
+        to = torch.nn.Module.to
+
+        def to_unless_xla(module, *to_args, **to_kwargs):
+            return module if to_args == ("xla",) and not to_kwargs else to(module, *to_args, **to_kwargs)
+
+        torch.nn.Module.to = to_unless_xla
+        try:
+            return replace_module(*args, **kwargs)
+        finally:
+            torch.nn.Module.to = to
+
+    return wrapper
 
 
 def _distribution_metadata(src: Path) -> Path:
@@ -223,6 +260,25 @@ def _distribution_metadata(src: Path) -> Path:
         info.mkdir(parents=True, exist_ok=True)
         (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: neuronx-distributed\nVersion: {version}\n")
     return site
+
+
+class _RendezvousIsABarrier:
+    """``xm`` whose ``rendezvous`` waits for every rank, as it does on Trainium (see the module docstring)."""
+
+    def __init__(self, xm):
+        self._xm = xm
+
+    def __getattr__(self, attr):
+        return getattr(self._xm, attr)
+
+    def rendezvous(self, tag, payload=b"", replicas=None):
+        import torch.distributed as dist
+
+        if replicas:
+            raise NotImplementedError(f"harness routes only rendezvous of all ranks (replicas={replicas})")
+        if dist.is_initialized():
+            dist.barrier()
+        return []
 
 
 class _KvSharedAllReduce:
