@@ -20,6 +20,8 @@ import torch
 from checkpoint_tools.atomic_io import save_safetensors, write_json
 from checkpoint_tools.convert import hf_model_bytes, layer_releasing_reader, load_rank_files, write_hf_model
 from checkpoint_tools.nxd_format import (
+    MANIFEST,
+    complete_tags,
     manifest_config,
     publish_directory,
     read_manifest,
@@ -46,6 +48,28 @@ def _lora_tag(path: str | Path) -> tuple[Path, dict]:
                               f"checkpoint ('lora')")
     require_verified(tag_dir, manifest)
     return tag_dir, manifest
+
+
+def pick_lora_tag(path: str | Path, merged: bool) -> tuple[Path, str]:
+    """The LoRA tag ``export`` reads under ``path``, and why: a tag itself; in a training run's
+    directory its final save, else its newest periodic tag; among final saves the one the export
+    needs (``merged``: the merged save, else one with an adapter; PEFT: one with an adapter)."""
+    path = Path(path)
+    if (path / MANIFEST).is_file() or (path / "model").is_dir() or not path.is_dir():
+        return path, ""
+    is_run = (path / "final").is_dir() or (path / "checkpoints").is_dir()
+    for root in [path / "final", path / "checkpoints"] if is_run else [path]:
+        tags = sorted((t for t in (complete_tags(root) if root.is_dir() else [])
+                       if read_manifest(t).get("kind") == "lora"), key=lambda t: (t / "done").stat().st_mtime)
+        if not tags:
+            continue
+        if root.name == "checkpoints":
+            return tags[-1], f"the newest periodic save of training run {path} (it has no final save)"
+        modes = {read_manifest(t).get("save_mode"): t for t in tags}
+        for mode in (["merged", "base+adapter"] if merged else []) + ["adapter", "base+adapter", "merged"]:
+            if mode in modes:
+                return modes[mode], f"the final {mode} save" + (f" of training run {path}" if is_run else "")
+    return path, ""
 
 
 def peft_adapter_config(lora: dict, target_modules: list[str], base_model: str | None) -> dict:
@@ -77,8 +101,35 @@ def export_peft(src: str | Path, dst: str | Path, base_model: str | None = None,
     ranks = load_rank_files(tag_dir, int(manifest["tp"]))
     adapters = unshard_lora_state_dict([{k: v for k, v in r.items() if "lora_" in k} for r in ranks], cfg,
                                        manifest.get("kv_layout", "trn1"))
+    if base_model is None:
+        checkpoint = ((manifest.get("recipe") or {}).get("model") or {}).get("checkpoint")
+        base_model = _hf_source_of_base(checkpoint) if checkpoint else None
+        if base_model is None:
+            raise _unknown_base_model(tag_dir, f"its base {checkpoint}" if checkpoint else "no base recorded")
+        log(f"export: base_model_name_or_path {base_model} (the HF model its base was converted from)")
     write_peft_adapter(adapters, manifest["lora"], dst, base_model, overwrite, log)
     return adapters
+
+
+def _hf_source_of_base(base: str | Path) -> str | None:
+    """The HF model directory an nxd-lora base checkpoint was converted from, as its manifest records
+    it (where the adapter is loaded, that path or a copy of it must hold the model): what PEFT's
+    ``base_model_name_or_path`` names. None for a base from Meta or GGUF files."""
+    try:
+        source = read_manifest(resolve_tag_dir(base)).get("source") or {}
+    except (OSError, ValueError):
+        return None
+    if not str(source.get("format", "")).startswith("hf") or not source.get("path"):
+        return None
+    path = Path(source["path"])
+    return str(path.parent if path.suffix in (".safetensors", ".bin", ".json") else path)
+
+
+def _unknown_base_model(where: Path, why: str) -> CheckpointError:
+    return CheckpointError(
+        f"{where}: the Hugging Face model behind the adapter is not known ({why}, not converted from an HF model "
+        f"directory that is still there): pass --base-model HUB_ID_OR_HF_DIR. adapter_config.json names it as "
+        f"base_model_name_or_path, which AutoPeftModelForCausalLM.from_pretrained loads")
 
 
 def write_peft_adapter(adapters: dict[str, torch.Tensor], lora: dict, dst: str | Path, base_model: str | None,
@@ -141,7 +192,7 @@ def export_merged(src: str | Path, dst: str | Path, base: str | Path | None = No
                                            layout)
     base_source = NxDSource(base_dir, cfg, tp, layout, getattr(torch, base_manifest["dtype"]))
     write_merged_model(base_source, adapters, _scaling(manifest["lora"]), dst, overwrite,
-                       tokenizer_dir or _tokenizer_home(base_dir, base_manifest), f"{mode} checkpoint", log)
+                       tokenizer_dir or _tokenizer_home(base_dir, base_manifest, manifest), f"{mode} checkpoint", log)
 
 
 def write_merged_model(base: Source, adapters: dict[str, torch.Tensor], scaling: float, dst: str | Path,
@@ -160,17 +211,26 @@ def write_merged_model(base: Source, adapters: dict[str, torch.Tensor], scaling:
     with publish_directory(dst, overwrite, hf_model_bytes(cfg, dtype), "the merged HF model", log) as staging:
         write_hf_model(staging, cfg, dtype, layer_tensors, log)
         copied = copy_tokenizer_files(Path(tokenizer_dir), staging) if tokenizer_dir else []
+        if not tokenizer_dir:
+            log("export: warning: no tokenizer files found for the base (AutoTokenizer will not load this "
+                "directory): pass --tokenizer-dir")
         if "generation_config.json" not in copied:
             write_generation_config(staging, cfg)
     log(f"export: merged HF model ({what}) -> {dst}")
 
 
-def _tokenizer_home(base_dir: Path, base_manifest: dict) -> Path | None:
-    """Where the base's tokenizer files are: beside its tag (``nxd-lora convert`` puts them there),
-    else the directory it was converted from."""
-    source = (base_manifest.get("source") or {}).get("path")
-    for candidate in (base_dir.parent, Path(source) if source else None):
-        if candidate is not None and candidate.is_dir() and has_tokenizer(candidate):
+def _tokenizer_home(base_dir: Path, base_manifest: dict, lora_manifest: dict | None = None) -> Path | None:
+    """Where the tokenizer files are: beside the base's tag (``nxd-lora convert`` puts them there), the
+    directory the base was converted from, or (for a training run's saves) the recipe's tokenizer and
+    base checkpoint and what that was converted from."""
+    model = ((lora_manifest or {}).get("recipe") or {}).get("model") or {}
+    candidates = [base_dir.parent, (base_manifest.get("source") or {}).get("path"), model.get("tokenizer")]
+    if model.get("checkpoint"):
+        candidates.append(model["checkpoint"])
+        candidates.append(_hf_source_of_base(model["checkpoint"]))
+    for candidate in (Path(c) for c in candidates if c):
+        candidate = candidate.parent if candidate.is_file() else candidate
+        if candidate.is_dir() and has_tokenizer(candidate):
             return candidate
     return None
 
@@ -207,6 +267,11 @@ def export_nxd_lora(src: str | Path, dst: str | Path, merged: bool = False, base
         f"{'gathered by merge_sharded_lora' if save.merged_shards else 'rank shards'}, "
         f"{len(save.adapters)} HF adapter tensors)")
     if not merged:
+        if base_model is None and base is not None:
+            base_model = str(base_source.path) if base_source.format.startswith("hf") else (
+                _hf_source_of_base(base) if is_nxd_checkpoint(base) else None)
+        if base_model is None:
+            raise _unknown_base_model(save.tag_dir, f"--base {base}" if base else "no --base given")
         write_peft_adapter(save.adapters, save.lora, dst, base_model, overwrite, log)
         return save.adapters
     if save.has_base:
@@ -219,8 +284,6 @@ def export_nxd_lora(src: str | Path, dst: str | Path, merged: bool = False, base
                               f"checkpoint it trained on: ours, NxD's converter output, or the HF model)")
     tokenizer_home = tokenizer_dir or next((p for p in (base_source.path, Path(base or "."))
                                             if p.is_dir() and has_tokenizer(p)), None)
-    if tokenizer_home is None:
-        log("export: no tokenizer files beside the base; pass --tokenizer-dir to include them")
     write_merged_model(base_source, save.adapters, _scaling(save.lora), dst, overwrite, tokenizer_home,
                        "NxD LoraModel save", log)
     return save.adapters

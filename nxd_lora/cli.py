@@ -56,7 +56,8 @@ def _fetch_model(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from checkpoint_tools.export import export_merged, export_nxd_lora, export_peft
+    from checkpoint_tools.export import export_merged, export_nxd_lora, export_peft, pick_lora_tag
+    from checkpoint_tools.nxd_format import MANIFEST, read_manifest
     from checkpoint_tools.llama_config import LlamaConfig
     from checkpoint_tools.nxd_lora_save import is_nxd_lora_save
     from checkpoint_tools.sources import CheckpointError
@@ -72,10 +73,16 @@ def _export(args: argparse.Namespace) -> int:
     if given:
         raise CheckpointError(f"{args.src}: {', '.join(given)} apply to a LoRA save written by NxD's own LoraModel "
                               f"(<tag>/model/dp_rank_00_tp_rank_TT_pp_rank_00.pt with lora_ tensors), and this is not one")
-    if args.merged:
-        export_merged(args.src, args.dst, base=args.base, overwrite=args.overwrite, tokenizer_dir=args.tokenizer_dir)
+    src, why = pick_lora_tag(args.src, args.merged)
+    if why:
+        print(f"export: {src}: {why}")
+    merged = args.merged or (src / MANIFEST).is_file() and read_manifest(src).get("save_mode") == "merged"
+    if merged and not args.merged:
+        print(f"export: {src} is a merged save (the adapter folded into the base): writing a merged HF model")
+    if merged:
+        export_merged(src, args.dst, base=args.base, overwrite=args.overwrite, tokenizer_dir=args.tokenizer_dir)
     else:
-        export_peft(args.src, args.dst, base_model=args.base_model, overwrite=args.overwrite)
+        export_peft(src, args.dst, base_model=args.base_model, overwrite=args.overwrite)
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from checkpoint_tools.atomic_io import atomic_write, load_tensors, save_tensors
+from checkpoint_tools.atomic_io import atomic_write, load_tensors, save_safetensors, save_tensors
 
 # torch.save through torch.utils.serialization's config, torch.load with weights_only: PyTorch's API.
 pytestmark = pytest.mark.torch_version
@@ -37,3 +37,17 @@ def test_load_refuses_pickled_code(tmp_path):
     torch.save({"f": print}, path)  # a non-tensor object needs full unpickling
     with pytest.raises(ValueError, match="evil.pt: cannot be read"):
         load_tensors(path)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_written_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
+    """Not mkstemp's 0600: exports and checkpoints are shared between users and services."""
+    import os
+
+    old = os.umask(umask)
+    try:
+        save_tensors({"w": torch.ones(1)}, tmp_path / "a.pt")
+        save_safetensors({"w": torch.ones(1)}, tmp_path / "a.safetensors")
+    finally:
+        os.umask(old)
+    assert [(tmp_path / n).stat().st_mode & 0o777 for n in ("a.pt", "a.safetensors")] == [mode, mode]

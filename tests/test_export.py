@@ -63,8 +63,8 @@ def test_peft_adapter_loads_in_peft_and_gives_the_trained_logits(trained, tmp_pa
 
 def test_base_plus_adapter_save_exports_the_same_adapter(trained, tmp_path):
     root = trained["root"]
-    a = export_peft(root / "runs" / "adapter", tmp_path / "a", **QUIET)
-    b = export_peft(root / "runs" / "base_adapter", tmp_path / "b", **QUIET)
+    a = export_peft(root / "runs" / "adapter", tmp_path / "a", base_model=str(root / "hf"), **QUIET)
+    b = export_peft(root / "runs" / "base_adapter", tmp_path / "b", base_model=str(root / "hf"), **QUIET)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

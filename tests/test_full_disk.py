@@ -80,7 +80,7 @@ def test_convert_export_and_a_training_save_on_a_full_disk(small_fs, tmp_path, m
                     param.normal_()
         runs = small_fs / "runs"
         save_lora_checkpoint(model, backend, runs, "step_1", "adapter", lora, **QUIET)
-        assert main(["export", str(runs / "step_1"), str(small_fs / "peft")]) == 0
+        assert main(["export", str(runs / "step_1"), str(small_fs / "peft"), "--base-model", str(hf)]) == 0
         capsys.readouterr()
         fill(small_fs, leave=16 << 10)  # less than one rank file of the adapter
 
@@ -101,7 +101,7 @@ def test_convert_export_and_a_training_save_on_a_full_disk(small_fs, tmp_path, m
 
     # export (safetensors' writer) over the previous export, PEFT and merged
     previous = sorted(p.name for p in (small_fs / "peft").iterdir())
-    assert main(["export", str(runs / "step_1"), str(small_fs / "peft"), "--overwrite"]) == 2
+    assert main(["export", str(runs / "step_1"), str(small_fs / "peft"), "--overwrite", "--base-model", str(hf)]) == 2
     assert main(["export", str(runs / "step_1"), str(small_fs / "merged"), "--merged", "--base", str(ckpt)]) == 2
     err = capsys.readouterr().err
     assert err.count("the disk filled up while writing") == 2, err

@@ -15,6 +15,7 @@ train command.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -235,6 +236,8 @@ def test_nxds_own_lora_saves_export_to_peft_and_merged_models_with_nxds_logits(r
     assert f"{shards}/lora/dp_rank_00_tp_rank_00_pp_rank_00.pt is not found" in nxd["nxd_load_error"]
     assert (shards / "lora" / "model" / "dp_rank_00_tp_rank_00_pp_rank_00.pt").is_file()
     assert main(["export", str(shards), str(tmp_path / "peft"), "--base", base]) == 0
+    peft_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert peft_config["base_model_name_or_path"] == str(root / "hf")  # what our base was converted from
     torch.testing.assert_close(hf_logits(root / "hf", ids, tmp_path / "peft"), nxd["logits"], atol=ATOL, rtol=0)
     assert main(["export", str(shards / "lora"), str(tmp_path / "merged"), "--merged", "--base", base]) == 0
     torch.testing.assert_close(hf_logits(tmp_path / "merged", ids), nxd["logits"], atol=ATOL, rtol=0)
@@ -251,7 +254,10 @@ def test_nxds_own_lora_saves_export_to_peft_and_merged_models_with_nxds_logits(r
                  "--lora-config", str(shards / "adapter_config.json")]) == 2
     assert f"was it trained on {layout}? pass --source-layout {layout}" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "copied"), str(tmp_path / "peft2"), *config,
-                 "--lora-config", str(shards / "adapter_config.json")]) == 0
+                 "--lora-config", str(shards / "adapter_config.json")]) == 2
+    assert "no --base given, not converted from an HF model" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "copied"), str(tmp_path / "peft2"), *config, "--base-model",
+                 str(root / "hf"), "--lora-config", str(shards / "adapter_config.json")]) == 0
     first, second = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("peft", "peft2"))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 

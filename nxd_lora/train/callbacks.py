@@ -20,6 +20,7 @@ import lightning as L
 import torch
 
 from checkpoint_tools.export import export_peft
+from checkpoint_tools.source_base import CheckpointError
 from nxd_lora.backends.base import Backend
 from nxd_lora.checkpointing import save_lora_checkpoint
 from nxd_lora.train.config import Recipe
@@ -150,6 +151,9 @@ class FinalSaves(L.Callback):
         peft_mode = next((m for m in ("adapter", "base+adapter") if m in self.saved), None)
         if peft_mode and writer.backend.rank == 0:  # the ecosystem copy: loads in PEFT, transformers, vLLM
             peft_dir = writer.out / "final" / "peft"
-            export_peft(self.saved[peft_mode], peft_dir, base_model=writer.recipe.model.checkpoint, overwrite=True,
-                        log=writer.say)
-            self.saved["peft"] = str(peft_dir)
+            try:
+                export_peft(self.saved[peft_mode], peft_dir, overwrite=True, log=writer.say)
+                self.saved["peft"] = str(peft_dir)
+            except CheckpointError as err:  # the training and its checkpoints are complete; only this copy is not
+                writer.say(f"final/peft not written: {err}; export it with: nxd-lora export "
+                           f"{self.saved[peft_mode]} PEFT_DIR --base-model HUB_ID_OR_HF_DIR")
