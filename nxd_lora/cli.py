@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("dst")
     export.add_argument("--merged", action="store_true", help="write a merged HF model instead of a PEFT adapter")
     export.add_argument("--base", help="converted NxD base checkpoint (for --merged from an adapter-only save)")
-    export.add_argument("--base-model", help="base_model_name_or_path written into adapter_config.json")
+    export.add_argument("--base-model", help="base_model_name_or_path written into adapter_config.json (default: the HF model "
+                                              "directory the base checkpoint was converted from)")
     export.add_argument("--tokenizer-dir", help="copy tokenizer files from here (default: the base's source dir)")
     nxd = export.add_argument_group(
         "a LoRA save written by NxD's own LoraModel (nxd.save_checkpoint; AWS's NxD Llama LoRA tutorial)",
