@@ -28,7 +28,7 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 is for the temporary; the file gets open()'s mode
+        os.fchmod(fd, _file_mode())  # mkstemp's 0600 is for the temporary
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
@@ -40,11 +40,12 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     file_written(path)
 
 
-def _umask() -> int:
-    """The process's umask (reading it means setting it: set back at once)."""
+def _file_mode() -> int:
+    """The mode ``open()`` would give a new file: 0666 less the process's umask (reading the umask
+    means setting it: set back at once)."""
     mask = os.umask(0o022)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
 
 def torch_save(state: dict, path_or_handle) -> None:
@@ -78,7 +79,7 @@ def save_safetensors(tensors: dict, path: str | Path) -> None:
     from safetensors.torch import save_file
 
     save_file(tensors, str(path), metadata={"format": "pt"})
-    os.chmod(path, 0o666 & ~_umask())  # safetensors creates its files 0600
+    os.chmod(path, _file_mode())  # safetensors creates its files 0600
     file_written(path)
 
 

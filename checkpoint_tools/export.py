@@ -59,13 +59,14 @@ def pick_lora_tag(path: str | Path, merged: bool) -> tuple[Path, str]:
         return path, ""
     is_run = (path / "final").is_dir() or (path / "checkpoints").is_dir()
     for root in [path / "final", path / "checkpoints"] if is_run else [path]:
-        tags = sorted((t for t in (complete_tags(root) if root.is_dir() else [])
-                       if read_manifest(t).get("kind") == "lora"), key=lambda t: (t / "done").stat().st_mtime)
+        manifests = {t: read_manifest(t) for t in (complete_tags(root) if root.is_dir() else [])}
+        tags = sorted((t for t, m in manifests.items() if m.get("kind") == "lora"),
+                      key=lambda t: (t / "done").stat().st_mtime)
         if not tags:
             continue
         if root.name == "checkpoints":
             return tags[-1], f"the newest periodic save of training run {path} (it has no final save)"
-        modes = {read_manifest(t).get("save_mode"): t for t in tags}
+        modes = {manifests[t].get("save_mode"): t for t in tags}
         for mode in (["merged", "base+adapter"] if merged else []) + ["adapter", "base+adapter", "merged"]:
             if mode in modes:
                 return modes[mode], f"the final {mode} save" + (f" of training run {path}" if is_run else "")
@@ -98,9 +99,7 @@ def export_peft(src: str | Path, dst: str | Path, base_model: str | None = None,
     if manifest["save_mode"] == "merged":
         raise CheckpointError(f"{tag_dir}: save mode 'merged' holds no separate adapter; use export --merged")
     cfg = manifest_config(manifest, tag_dir)
-    ranks = load_rank_files(tag_dir, int(manifest["tp"]))
-    adapters = unshard_lora_state_dict([{k: v for k, v in r.items() if "lora_" in k} for r in ranks], cfg,
-                                       manifest.get("kv_layout", "trn1"))
+    adapters = _hf_adapters(tag_dir, int(manifest["tp"]), cfg, manifest.get("kv_layout", "trn1"))
     if base_model is None:
         checkpoint = ((manifest.get("recipe") or {}).get("model") or {}).get("checkpoint")
         base_model = _hf_source_of_base(checkpoint) if checkpoint else None
@@ -109,6 +108,12 @@ def export_peft(src: str | Path, dst: str | Path, base_model: str | None = None,
         log(f"export: base_model_name_or_path {base_model} (the HF model its base was converted from)")
     write_peft_adapter(adapters, manifest["lora"], dst, base_model, overwrite, log)
     return adapters
+
+
+def _hf_adapters(tag_dir: Path, tp: int, cfg: LlamaConfig, layout: str) -> dict[str, torch.Tensor]:
+    """A tag's LoRA tensors, gathered from its rank files into HF layout."""
+    ranks = load_rank_files(tag_dir, tp)
+    return unshard_lora_state_dict([{k: v for k, v in r.items() if "lora_" in k} for r in ranks], cfg, layout)
 
 
 def _hf_source_of_base(base: str | Path) -> str | None:
@@ -128,7 +133,7 @@ def _hf_source_of_base(base: str | Path) -> str | None:
 def _unknown_base_model(where: Path, why: str) -> CheckpointError:
     return CheckpointError(
         f"{where}: the Hugging Face model behind the adapter is not known ({why}, not converted from an HF model "
-        f"directory that is still there): pass --base-model HUB_ID_OR_HF_DIR. adapter_config.json names it as "
+        f"directory): pass --base-model HUB_ID_OR_HF_DIR. adapter_config.json names it as "
         f"base_model_name_or_path, which AutoPeftModelForCausalLM.from_pretrained loads")
 
 
@@ -185,11 +190,7 @@ def export_merged(src: str | Path, dst: str | Path, base: str | Path | None = No
     if manifest_config(base_manifest, base_dir) != cfg:
         raise CheckpointError(f"{base_dir}: base model config differs from the one the adapter was trained on")
     layout = manifest.get("kv_layout", "trn1")
-    adapters = {}
-    if mode != "merged":
-        lora_ranks = load_rank_files(tag_dir, tp)
-        adapters = unshard_lora_state_dict([{k: v for k, v in r.items() if "lora_" in k} for r in lora_ranks], cfg,
-                                           layout)
+    adapters = _hf_adapters(tag_dir, tp, cfg, layout) if mode != "merged" else {}
     base_source = NxDSource(base_dir, cfg, tp, layout, getattr(torch, base_manifest["dtype"]))
     write_merged_model(base_source, adapters, _scaling(manifest["lora"]), dst, overwrite,
                        tokenizer_dir or _tokenizer_home(base_dir, base_manifest, manifest), f"{mode} checkpoint", log)
@@ -247,9 +248,9 @@ def export_nxd_lora(src: str | Path, dst: str | Path, merged: bool = False, base
     on from ``source_layout`` or from ``base`` when that is an NxD checkpoint. ``base`` is any
     checkpoint ``convert`` reads (ours, NxD's converter output with ``config``, HF, Meta, GGUF); a save
     with ``save_lora_base=True`` is its own base."""
-    base_source = None
+    base_source, ours = None, base is not None and is_nxd_checkpoint(base)
     if base is not None:
-        ours, foreign = is_nxd_checkpoint(base), foreign_nxd_tag(base) is not None
+        foreign = foreign_nxd_tag(base) is not None
         if ours and source_layout is not None:
             raise CheckpointError(f"{base}: an nxd-lora checkpoint records its layout in its manifest; leave out "
                                   f"--source-layout (it is for the LoRA save and a base written by NxD itself)")
@@ -269,7 +270,7 @@ def export_nxd_lora(src: str | Path, dst: str | Path, merged: bool = False, base
     if not merged:
         if base_model is None and base is not None:
             base_model = str(base_source.path) if base_source.format.startswith("hf") else (
-                _hf_source_of_base(base) if is_nxd_checkpoint(base) else None)
+                _hf_source_of_base(base) if ours else None)
         if base_model is None:
             raise _unknown_base_model(save.tag_dir, f"--base {base}" if base else "no --base given")
         write_peft_adapter(save.adapters, save.lora, dst, base_model, overwrite, log)

@@ -153,7 +153,7 @@ def read_nxd_lora_save(path: str | Path, config: LlamaConfig, kv_layout: str | N
     ranks = []
     embedded = None
     for rank in range(tp):
-        state = dict(torch.load(rank_path(tag_dir, rank), map_location="cpu", weights_only=True))
+        state = dict(torch.load(rank_path(tag_dir, rank), map_location="cpu", mmap=True, weights_only=True))
         embedded = state.pop("lora_config", embedded)
         ranks.append(state)
     fields_source = read_lora_config(tag_dir, embedded, lora_config)

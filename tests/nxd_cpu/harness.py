@@ -262,14 +262,18 @@ def _distribution_metadata(src: Path) -> Path:
     return site
 
 
-class _RendezvousIsABarrier:
-    """``xm`` whose ``rendezvous`` waits for every rank, as it does on Trainium (see the module docstring)."""
+class _XmProxy:
+    """NxD's ``xm`` (torch_xla.core.xla_model) in one NxD module, with one call replaced by a subclass."""
 
     def __init__(self, xm):
         self._xm = xm
 
     def __getattr__(self, attr):
         return getattr(self._xm, attr)
+
+
+class _RendezvousIsABarrier(_XmProxy):
+    """``xm`` whose ``rendezvous`` waits for every rank, as it does on Trainium (see the module docstring)."""
 
     def rendezvous(self, tag, payload=b"", replicas=None):
         import torch.distributed as dist
@@ -281,14 +285,8 @@ class _RendezvousIsABarrier:
         return []
 
 
-class _KvSharedAllReduce:
+class _KvSharedAllReduce(_XmProxy):
     """``xm`` for ``qkv_linear_utils``: its kv-shared ``all_reduce`` runs over gloo in CPU mode."""
-
-    def __init__(self, xm):
-        self._xm = xm
-
-    def __getattr__(self, attr):
-        return getattr(self._xm, attr)
 
     def all_reduce(self, reduce_type, inputs, scale=1.0, groups=None, pin_layout=True):
         import torch.distributed as dist
