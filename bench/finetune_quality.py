@@ -1,21 +1,25 @@
 """Fine-tuning quality on the real demo model: what LoRA taught, what it kept, and at what speed.
 
-Runs the demo pipeline (SmolLM2-135M-Instruct, GGUF -> HF -> NxD TP=3, LoRA on 3 gloo ranks on the
-bundled instructions + made-up facts, PEFT export) and scores base vs tuned greedy answers on
-``nxd_lora/data/sample/eval_questions.jsonl``:
+Runs the demo pipeline (SmolLM2-135M-Instruct, GGUF -> HF -> NxD TP=3, the base model's own answers
+to the bundled general prompts as replay, LoRA on 3 gloo ranks on the made-up facts + that replay,
+PEFT export) and scores base vs tuned greedy answers:
 
-* taught facts, asked as trained and rephrased (the rephrasings are never trained on):
-  hit = the expected word is in the answer; exact = the answer is the trained sentence;
-  ROUGE-L F1 against the trained sentence;
-* general questions the base model answers right (all but one never trained on): hit, and
-  ROUGE-L F1 of the tuned answer against the base model's answer (how much of it survives).
+* taught facts (``eval_questions.jsonl``), asked as trained and rephrased (the rephrasings are never
+  trained on): hit = the expected word is in the answer; exact = the answer is the trained
+  sentence; ROUGE-L F1 against the trained sentence;
+* retained: of the held-apart general questions (``general_questions.jsonl``, in no training file)
+  the base model answers right, how many the tuned model still answers right; ROUGE-L F1 of the
+  tuned answers against the base model's (how much of its wording survives);
+* the seven general questions of the demo's table: hit.
 
 Also the loss curve, the median wall time per optimizer step and tokens/s (all positions of the
-packed rows, padding included, over the 3 ranks together) on this machine. One JSON line per run;
-``--set`` runs a variant (recipe overrides), several ``--set`` run several variants in one call.
+packed rows, padding included, over the 3 ranks together) on this machine, and the demo's wall time.
+One JSON line per run; ``--set`` runs a variant (recipe overrides), several ``--set`` run several
+variants in one call (a variant's ``data.train_files`` replaces the facts + replay, e.g. the facts
+beside the hand-written ``instructions.jsonl``: the demo's earlier mix).
 
     NXD_LORA_ASSETS=.assets .venv/bin/python bench/finetune_quality.py
-    NXD_LORA_ASSETS=.assets .venv/bin/python bench/finetune_quality.py --set train.lr=0.002 train.micro_batch_size=1
+    NXD_LORA_ASSETS=.assets .venv/bin/python bench/finetune_quality.py --set train.lr=0.002 --set train.max_steps=20
 """
 
 from __future__ import annotations
@@ -42,24 +46,28 @@ def trained_answers() -> dict[str, str]:
 def score(result: dict) -> dict:
     from rouge_score import rouge_scorer
 
+    from nxd_lora.demo import retention
+
     rouge = rouge_scorer.RougeScorer(["rougeL"])
     facts = trained_answers()
     out = {}
-    for kind, phrasing in (("taught", "trained"), ("taught", "held-out"), ("general", None)):
-        rows = [a for a in result["answers"] if a["kind"] == kind and (phrasing is None or a["phrasing"] == phrasing)]
-        name = f"{kind}_{phrasing}" if phrasing else kind
-        entry = {"n": len(rows), "base_hit": sum(r["base_ok"] for r in rows), "tuned_hit": sum(r["tuned_ok"] for r in rows)}
-        if kind == "taught":
-            references = [next(a for a in facts.values() if r["expect"].lower() in a.lower()) for r in rows]
-            entry["tuned_exact"] = sum(" ".join(r["tuned"].split()) == ref for r, ref in zip(rows, references))
-            entry["base_rougeL"] = round(statistics.mean(rouge.score(ref, r["base"])["rougeL"].fmeasure
-                                                         for r, ref in zip(rows, references)), 3)
-            entry["tuned_rougeL"] = round(statistics.mean(rouge.score(ref, r["tuned"])["rougeL"].fmeasure
-                                                          for r, ref in zip(rows, references)), 3)
-        else:
-            entry["tuned_vs_base_rougeL"] = round(statistics.mean(rouge.score(r["base"], r["tuned"])["rougeL"].fmeasure
-                                                                  for r in rows), 3)
-        out[name] = entry
+    for phrasing in ("trained", "held-out"):
+        rows = [a for a in result["answers"] if a["kind"] == "taught" and a["phrasing"] == phrasing]
+        references = [next(a for a in facts.values() if r["expect"].lower() in a.lower()) for r in rows]
+        out[f"taught_{phrasing}"] = {
+            "n": len(rows), "base_hit": sum(r["base_ok"] for r in rows), "tuned_hit": sum(r["tuned_ok"] for r in rows),
+            "tuned_exact": sum(" ".join(r["tuned"].split()) == ref for r, ref in zip(rows, references)),
+            "tuned_rougeL": round(statistics.mean(rouge.score(ref, r["tuned"])["rougeL"].fmeasure
+                                                  for r, ref in zip(rows, references)), 3)}
+    kept, known = retention(result["answers"])
+    right = [a for a in result["answers"] if a["kind"] == "held-apart" and a["base_ok"]]
+    out["retained"] = {"base_right": known, "tuned_right": kept, "percent": round(100 * kept / known, 1),
+                       "lost": [a["question"] for a in right if not a["tuned_ok"]],
+                       "tuned_vs_base_rougeL": round(statistics.mean(rouge.score(a["base"], a["tuned"])["rougeL"].fmeasure
+                                                                     for a in right), 3)}
+    table = [a for a in result["answers"] if a["kind"] == "general"]
+    out["table_general"] = {"n": len(table), "base_hit": sum(a["base_ok"] for a in table),
+                            "tuned_hit": sum(a["tuned_ok"] for a in table)}
     return out
 
 

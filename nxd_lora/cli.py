@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nxd-lora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="fine-tune SmolLM2-135M-Instruct end to end: GGUF -> HF -> NxD TP=3, LoRA on "
-                                       "3 ranks with the bundled data, save modes, exports, base vs tuned answers")
+                                       "3 ranks on made-up facts beside the model's own answers, save modes, exports, "
+                                       "base vs tuned answers: facts taught, general answers retained")
     demo.add_argument("--tiny", action="store_true", help="a random tiny model at TP=2 instead (one-minute smoke run)")
     demo.add_argument("--gguf", help="the SmolLM2 GGUF file to use (default: the fetched one, see fetch-model)")
     demo.add_argument("--output", default="demo_output", help="working directory (default ./demo_output)")

@@ -3,15 +3,21 @@
 1. SmolLM2-135M-Instruct (GGUF, fetched at set-up: ``nxd_lora.assets``) -> HF safetensors with
    its tokenizer and chat template (``nxd-lora convert``, no ``--tp``);
 2. HF -> NxD TP=3 (9 query / 3 KV heads: every rank holds one KV head);
-3. LoRA with Lightning on 3 gloo ranks, on the bundled instructions plus a bundled set of
-   made-up facts (``facts.jsonl``), the model's own chat template, completion-only loss;
+3. LoRA with Lightning on 3 gloo ranks, on the bundled made-up facts (``facts.jsonl``, listed
+   ``FACT_REPEATS`` times) beside a replay of the model's own answers (``replay.jsonl``: its greedy
+   answers to the general prompts of ``replay_prompts.jsonl``, written by ``write_replay``), the
+   model's own chat template, completion-only loss;
 4. the three save modes, a PEFT adapter and a merged HF model;
 5. checks: our TP=3 model vs transformers + peft, PEFT vs merged (max logit differences);
-6. base vs tuned answers, greedy, through ``peft`` on ``transformers``.
+6. base vs tuned answers, greedy, through ``peft`` on ``transformers``: the taught facts (as
+   trained and rephrased) and ``general_questions.jsonl``, general questions never trained on
+   (retained = tuned right among base right).
 
-Why this mix: facts alone teach the model to answer every question with a fact; the 40 general
-rows beside the 24 fact rows keep its general answers (Paris stays Paris) while 40 steps at
-lr 1e-3 teach the facts (measured in ``bench/finetune_quality.py``, BENCHMARKS.md).
+Why replay: trained on the facts alone the model answers every question with a fact ("The capital
+of France is Dunmarrow."). Replaying its own answers keeps what it said before while the facts are
+learned, provided the replay is broad enough that no row of it is memorized: a 52-row replay cost
+as many general answers as the facts did (the variants and their figures: ``bench/finetune_quality.py``,
+BENCHMARKS.md "Fine-tuning quality").
 
 ``--tiny`` keeps a one-minute smoke run on a random tiny model (TP=2, Llama 3 tokenizer).
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import textwrap
 import time
 from contextlib import contextmanager
@@ -40,10 +47,11 @@ from nxd_lora.train.config import load_recipe
 REAL_TP = 3
 REAL_OVERRIDES = [
     "lora.lora_rank=16", "lora.lora_alpha=32", "lora.target_modules=[qkv_proj,o_proj,gate_up_proj,down_proj]",
-    "data.seq_len=512", "data.val_fraction=0", "train.max_steps=40", "train.lr=0.001", "train.warmup_steps=4",
-    "train.micro_batch_size=2", "train.grad_accum=1", "train.save_every=20", "train.log_every=1",
-    "train.save_modes=[adapter,base+adapter,merged]",
+    "data.seq_len=512", "data.val_fraction=0", "train.max_steps=30", "train.lr=0.002", "train.warmup_steps=3",
+    "train.micro_batch_size=2", "train.grad_accum=1", "train.save_every=15", "train.log_every=1",
+    "train.autocast=bfloat16", "train.save_modes=[adapter,base+adapter,merged]",
 ]
+FACT_REPEATS = 4
 TINY_TP = 2
 TINY_CONFIG = dict(
     vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -61,13 +69,27 @@ TINY_OVERRIDES = [
 
 
 def demo_train_files() -> list[str]:
-    return [str(sample_data_path("instructions.jsonl")), str(sample_data_path("facts.jsonl"))]
+    """The demo's training data: the made-up facts, ``FACT_REPEATS`` times, beside the replay of the
+    base model's own answers: in the demo's 30 steps each fact is seen about six times, enough to
+    learn it, and each replay row about one and a half times, so no replay answer is memorized (memorizing a small
+    replay costs general answers too: BENCHMARKS "Fine-tuning quality")."""
+    return [str(sample_data_path("facts.jsonl"))] * FACT_REPEATS + [str(sample_data_path("replay.jsonl"))]
+
+
+def sample_rows(name: str) -> list[dict]:
+    """The rows of a bundled JSONL file (``sample_data_path``)."""
+    lines = sample_data_path(name).read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def eval_questions() -> list[dict]:
-    """The demo's questions: taught facts (as trained and rephrased) and general ones."""
-    lines = sample_data_path("eval_questions.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    """The demo's scoreboard: taught facts (as trained and rephrased) and a few general questions."""
+    return sample_rows("eval_questions.jsonl")
+
+
+def held_apart_questions() -> list[dict]:
+    """General questions no training file holds (``general_questions.jsonl``): what retention is measured on."""
+    return [dict(q, kind="held-apart") for q in sample_rows("general_questions.jsonl")]
 
 
 def random_hf_state(config: LlamaConfig, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -129,14 +151,43 @@ def trained_logits(base_ckpt: str, lora_tag: str | None, tp: int, input_ids: tor
         backend.teardown()
 
 
-def generate(model, prompt: list[int], stop_ids: tuple[int, ...], max_new_tokens: int) -> list[int]:
-    """Greedy continuation of ``prompt`` by a transformers model, up to a stop id (not included)."""
-    ids = torch.tensor([prompt])
+def greedy_answers(model, tok, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+    """Greedy continuations of ``prompts`` by a transformers model, all at once (left-padded: the
+    answers equal one-by-one generation's in fp32), each cut at its first stop id."""
+    width = max(map(len, prompts))
+    pad = tok.stop_ids[0]
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=list(stop_ids), pad_token_id=stop_ids[0])
-    new = out[0, len(prompt):].tolist()
-    return new[: next((i for i, t in enumerate(new) if t in stop_ids), len(new))]
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=list(tok.stop_ids), pad_token_id=pad)
+    rows = out[:, width:].tolist()
+    return [tok.decode(r[: next((i for i, t in enumerate(r) if t in tok.stop_ids), len(r))]) for r in rows]
+
+
+def write_replay(model_dir: Path, path: Path, max_new_tokens: int = 96) -> int:
+    """Self-distillation rows: the base model's own greedy answers to ``replay_prompts.jsonl``, as
+    chat rows in ``path``; an answer not finished within ``max_new_tokens`` is left out (training
+    on it would teach the model to stop mid-sentence). Returns the number of rows written.
+
+    The bundled ``replay.jsonl`` is its output for the demo model (80 s on 2 cores, so the demo does
+    not pay it; ``tests/test_real_demo.py`` checks rows of it against transformers' generation):
+    ``python -m nxd_lora.demo --write-replay demo_output/smollm2-135m-hf``."""
+    import transformers
+
+    from checkpoint_tools.atomic_io import atomic_write
+    from nxd_lora.data.encode import encode_prompt
+    from nxd_lora.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    base = transformers.LlamaForCausalLM.from_pretrained(model_dir).eval()
+    questions = [[{"role": "user", "content": row["prompt"]}] for row in sample_rows("replay_prompts.jsonl")]
+    replies = greedy_answers(base, tok, [encode_prompt(q, tok) for q in questions], max_new_tokens + 1)
+    rows = [{"messages": [*q, {"role": "assistant", "content": a}]}
+            for q, a in zip(questions, replies) if len(tok.encode(a)) <= max_new_tokens]
+    with atomic_write(path, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return len(rows)
 
 
 def probe_ids(model_dir: Path, question: str) -> torch.Tensor:
@@ -162,9 +213,9 @@ def answers(model_dir: Path, adapter_dir: Path, questions: list[str], max_new_to
     tok = load_tokenizer(model_dir)
     base = transformers.LlamaForCausalLM.from_pretrained(model_dir).eval()
     prompts = [encode_prompt([{"role": "user", "content": q}], tok) for q in questions]
-    before = [tok.decode(generate(base, p, tok.stop_ids, max_new_tokens)) for p in prompts]
+    before = greedy_answers(base, tok, prompts, max_new_tokens)
     tuned_model = peft.PeftModel.from_pretrained(base, adapter_dir).eval()  # wraps base: base answers come first
-    after = [tok.decode(generate(tuned_model, p, tok.stop_ids, max_new_tokens)) for p in prompts]
+    after = greedy_answers(tuned_model, tok, prompts, max_new_tokens)
     out = {"pairs": list(zip(before, after))}
     if merged_dir is not None and probe is not None:
         merged = transformers.LlamaForCausalLM.from_pretrained(merged_dir).eval()
@@ -190,7 +241,31 @@ def answer_table(rows: list[tuple[str, str, str, str]], width: int = 30, max_lin
 
 
 def contains(answer: str, expected: str) -> bool:
-    return expected.lower() in answer.lower()
+    """Whether ``answer`` holds one of the ``|``-separated expected words as a whole word
+    ("4" is not found in "24"), case aside."""
+    return any(re.search(rf"\b{re.escape(word)}\b", answer, re.IGNORECASE) for word in expected.split("|"))
+
+
+def retention(scored: list[dict]) -> tuple[int, int]:
+    """(held-apart questions the tuned model answers right among those the base answers right, the latter)."""
+    known = [s for s in scored if s["kind"] == "held-apart" and s["base_ok"]]
+    return sum(s["tuned_ok"] for s in known), len(known)
+
+
+def scoreboard(scored: list[dict]) -> str:
+    """The demo's verdict lines: facts taught, general knowledge retained, and each answer lost."""
+    lines = []
+    taught = [s for s in scored if s["kind"] == "taught"]
+    if taught:
+        lines.append(f"[demo] taught: the fact is in {sum(s['tuned_ok'] for s in taught)}/{len(taught)} tuned answers "
+                     f"(asked as trained and rephrased; base model {sum(s['base_ok'] for s in taught)}/{len(taught)})")
+    kept, known = retention(scored)
+    if known:
+        lines.append(f"[demo] retained: {kept}/{known} ({100 * kept / known:.0f}%) of the held-apart general questions "
+                     "(general_questions.jsonl, in no training file) the base model answers right")
+    general = [s for s in scored if s["kind"] != "taught" and s["base_ok"]]
+    lines += [f"[demo]   lost: {s['question']} -> {' '.join(s['tuned'].split())[:80]}" for s in general if not s["tuned_ok"]]
+    return "\n".join(lines)
 
 
 def _prepare(root: Path, tiny: bool, gguf: str | Path | None, rank0: bool) -> tuple[Path, Path, list[str]]:
@@ -207,15 +282,6 @@ def _prepare(root: Path, tiny: bool, gguf: str | Path | None, rank0: bool) -> tu
     if rank0:
         prepare_real_model(root, Path(gguf) if gguf else asset_path())
     return hf_dir, ckpt, [*REAL_OVERRIDES, f"data.train_files={json.dumps(demo_train_files())}"]
-
-
-def _wait_for(path: Path, timeout: float = 900.0) -> None:
-    """Under torchrun, ranks other than 0 wait for rank 0's conversion."""
-    deadline = time.monotonic() + timeout
-    while not path.is_file():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path}: rank 0 did not finish the conversion within {timeout:.0f} s")
-        time.sleep(1)
 
 
 @contextmanager
@@ -245,9 +311,6 @@ def run_demo(output: str = "demo_output", tiny: bool = False, extra_overrides: l
     rank0 = int(os.environ.get("RANK", "0")) == 0
     tp = TINY_TP if tiny else REAL_TP
     started = time.perf_counter()
-    hf_dir, ckpt, overrides = _prepare(root, tiny, gguf, rank0)
-    overrides = [f"model.checkpoint={ckpt}", f"model.tokenizer={hf_dir}", f"train.tp={tp}",
-                 f"train.output_dir={root / 'run'}", *overrides, *extra_overrides]
     if quiet_bar:
         os.environ["NXD_LORA_NO_BAR"] = "1"
 
@@ -259,8 +322,11 @@ def run_demo(output: str = "demo_output", tiny: bool = False, extra_overrides: l
     final = root / "run" / "final"
     questions = [q for q in eval_questions() if q["kind"] == "general"][:3] if tiny else eval_questions()
     with _one_process_group(launched):  # torchrun's store takes one group per job: train and check share it
-        if launched and not rank0:
-            _wait_for(ckpt / BASE_TAG / "done")
+        hf_dir, ckpt, overrides = _prepare(root, tiny, gguf, rank0)
+        if launched:
+            torch.distributed.barrier()  # the other ranks wait for rank 0's conversion
+        overrides = [f"model.checkpoint={ckpt}", f"model.tokenizer={hf_dir}", f"train.tp={tp}",
+                     f"train.output_dir={root / 'run'}", *overrides, *extra_overrides]
         result = on_every_rank(_train_rank, None, overrides)
         probe = probe_ids(hf_dir, questions[0]["question"])
         ours = on_every_rank(trained_logits, str(ckpt), str(final / "adapter"), tp, probe)
@@ -270,17 +336,14 @@ def run_demo(output: str = "demo_output", tiny: bool = False, extra_overrides: l
     print(f"[demo] train loss {losses[0]:.3f} -> {min(losses[-5:]):.3f} over {result['steps']} steps")
     export_peft(final / "adapter", root / "peft-adapter", base_model=str(hf_dir), overwrite=True)
     export_merged(final / "merged", root / "merged-hf", overwrite=True, tokenizer_dir=hf_dir)
-    compared = answers(hf_dir, root / "peft-adapter", [q["question"] for q in questions],
+    asked = [*questions, *([] if tiny else held_apart_questions())]
+    compared = answers(hf_dir, root / "peft-adapter", [q["question"] for q in asked],
                        merged_dir=root / "merged-hf", probe=probe)
     scored = [dict(q, base=before, tuned=after, base_ok=contains(before, q["expect"]),
-                   tuned_ok=contains(after, q["expect"])) for q, (before, after) in zip(questions, compared["pairs"])]
+                   tuned_ok=contains(after, q["expect"])) for q, (before, after) in zip(asked, compared["pairs"])]
     print("[demo] base vs tuned, greedy (taught facts first, then general questions):")
-    print(answer_table([(s["question"], s["expect"], s["base"], s["tuned"]) for s in scored]))
-    for kind in ("taught", "general"):
-        picked = [s for s in scored if s["kind"] == kind]
-        if picked:
-            print(f"[demo] {kind}: expected word in base answers {sum(s['base_ok'] for s in picked)}/{len(picked)}, "
-                  f"in tuned answers {sum(s['tuned_ok'] for s in picked)}/{len(picked)}")
+    print(answer_table([(s["question"], s["expect"], s["base"], s["tuned"]) for s in scored[: len(questions)]]))
+    print(scoreboard(scored))
     result.update(answers=scored, peft_vs_merged=compared["peft_vs_merged"],
                   tp_vs_peft=float((ours - compared["peft_logits"]).abs().max()),
                   recipe=load_recipe(None, overrides).to_dict(), seconds=time.perf_counter() - started)
@@ -288,3 +351,12 @@ def run_demo(output: str = "demo_output", tiny: bool = False, extra_overrides: l
     print(f"[demo] max |logit| difference, our TP={tp} model vs transformers+peft: {result['tp_vs_peft']:.2e}")
     print(f"[demo] done in {result['seconds']:.0f} s; outputs under {root}")
     return result
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Rewrite the bundled replay.jsonl from the demo model's HF directory.")
+    parser.add_argument("--write-replay", metavar="HF_DIR", required=True)
+    model = Path(parser.parse_args().write_replay)
+    print(f"{write_replay(model, sample_data_path('replay.jsonl'))} rows -> {sample_data_path('replay.jsonl')}")

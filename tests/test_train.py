@@ -139,8 +139,8 @@ def test_under_neuron_parallel_compile_a_few_steps_run_and_nothing_is_saved(tiny
 
 
 def test_smollm2_recipe_is_the_demo_recipe():
-    """configs/smollm2-135m-cpu.yaml trains what ``nxd-lora demo`` trains (paths and data files aside)."""
-    from nxd_lora.demo import REAL_OVERRIDES, REAL_TP
+    """configs/smollm2-135m-cpu.yaml trains what ``nxd-lora demo`` trains (paths aside), on the same files."""
+    from nxd_lora.demo import REAL_OVERRIDES, REAL_TP, demo_train_files
 
     shipped = load_recipe(Path(__file__).resolve().parents[1] / "configs" / "smollm2-135m-cpu.yaml").to_dict()
     demo = load_recipe(None, [*REAL_OVERRIDES, f"train.tp={REAL_TP}", "train.resume=auto",
@@ -148,3 +148,5 @@ def test_smollm2_recipe_is_the_demo_recipe():
     assert shipped["lora"] == demo["lora"] and shipped["train"] == demo["train"]
     assert {k: v for k, v in shipped["data"].items() if k != "train_files"} == \
            {k: v for k, v in demo["data"].items() if k != "train_files"}
+    root = Path(__file__).resolve().parents[1]
+    assert [str((root / f).resolve()) for f in shipped["data"]["train_files"]] == demo_train_files()

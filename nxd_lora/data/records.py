@@ -111,5 +111,8 @@ def read_records(path: str | Path, on_error: str = "fail") -> ReadReport:
 def sample_data_path(name: str = "instructions.jsonl") -> Path:
     """A data file shipped with the package (written for this project): ``instructions.jsonl``
     (general instructions, dolly schema), ``facts.jsonl`` (made-up facts no pretrained model
-    knows, for the demo) and ``eval_questions.jsonl`` (the demo's held-apart questions)."""
+    knows, for the demo), ``replay.jsonl`` (the demo model's own answers to ``replay_prompts.jsonl``,
+    chat schema), ``eval_questions.jsonl`` (the demo's table: facts as trained and rephrased, a
+    few general questions) and ``general_questions.jsonl`` (general questions in no training file,
+    for retention)."""
     return Path(__file__).with_name("sample") / name
