@@ -46,7 +46,7 @@ def trained_answers() -> dict[str, str]:
 def score(result: dict) -> dict:
     from rouge_score import rouge_scorer
 
-    from nxd_lora.demo import retention
+    from nxd_lora.demo import base_right, retention
 
     rouge = rouge_scorer.RougeScorer(["rougeL"])
     facts = trained_answers()
@@ -60,7 +60,7 @@ def score(result: dict) -> dict:
             "tuned_rougeL": round(statistics.mean(rouge.score(ref, r["tuned"])["rougeL"].fmeasure
                                                   for r, ref in zip(rows, references)), 3)}
     kept, known = retention(result["answers"])
-    right = [a for a in result["answers"] if a["kind"] == "held-apart" and a["base_ok"]]
+    right = base_right(result["answers"])
     out["retained"] = {"base_right": known, "tuned_right": kept, "percent": round(100 * kept / known, 1),
                        "lost": [a["question"] for a in right if not a["tuned_ok"]],
                        "tuned_vs_base_rougeL": round(statistics.mean(rouge.score(a["base"], a["tuned"])["rougeL"].fmeasure

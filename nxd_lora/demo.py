@@ -246,9 +246,14 @@ def contains(answer: str, expected: str) -> bool:
     return any(re.search(rf"\b{re.escape(word)}\b", answer, re.IGNORECASE) for word in expected.split("|"))
 
 
+def base_right(scored: list[dict]) -> list[dict]:
+    """The held-apart questions the base model answers right: what retention is counted on."""
+    return [s for s in scored if s["kind"] == "held-apart" and s["base_ok"]]
+
+
 def retention(scored: list[dict]) -> tuple[int, int]:
     """(held-apart questions the tuned model answers right among those the base answers right, the latter)."""
-    known = [s for s in scored if s["kind"] == "held-apart" and s["base_ok"]]
+    known = base_right(scored)
     return sum(s["tuned_ok"] for s in known), len(known)
 
 
